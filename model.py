@@ -1,0 +1,347 @@
+"""A Llama in one file: the model, its pretrained weights, and generation.
+
+This is the base model that Transformer-Squared adapts (paper section 3: every weight
+matrix W of this network is what SVF decomposes). It covers the Llama family: Llama 2
+and 3 (with Llama 3.1/3.2 rope scaling), Mistral, TinyLlama, SmolLM/SmolLM2, and the
+q/k/v biases of Qwen2. Read it top to bottom:
+
+    ModelArgs -> RMSNorm -> rotary embeddings -> Attention (+ KVCache) -> FeedForward
+    -> Block -> Transformer -> generation (sample, prefill, decode, generate)
+
+Loading pretrained weights (GGUF files and Hugging Face folders) lives in checkpoint.py.
+
+    python model.py --prompt "The capital of France is" --max-new-tokens 16
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576                    # width of the residual stream
+    n_layers: int = 30                # number of transformer blocks
+    n_heads: int = 9                  # query heads
+    n_kv_heads: int = 3               # key/value heads (grouped-query attention when < n_heads)
+    vocab_size: int = 49152
+    hidden_dim: int = 1536            # inner width of the SwiGLU feed-forward
+    head_dim: int = 0                 # 0: dim // n_heads (some models set it explicitly)
+    norm_eps: float = 1e-5            # RMSNorm epsilon
+    rope_theta: float = 10000.0       # base of the rotary frequencies
+    rope_scaling: dict | None = None  # Llama 3.1-style {"rope_type": "llama3", "factor": ...} or "linear"
+    max_seq_len: int = 2048           # context length: the rotary table and KV cache are this long
+    tie_embeddings: bool = False      # output head shares the token embedding matrix (SmolLM2)
+    attn_bias: bool = False           # q/k/v projections have biases (Qwen2)
+    sliding_window: int | None = None  # Mistral v0.1: attend only to the last N tokens
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 whatever the weights' dtype (as the reference does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+# Each head's vector is split into two halves (x1, x2) and rotated pairwise: (x1_i, x2_i) by the
+# angle pos * freq_i. This is the Hugging Face ("rotate half") layout. llama.cpp uses the
+# interleaved layout (x_2i, x_2i+1) instead and reorders q/k rows on conversion; checkpoint.py
+# undoes that reordering, so one rotary function serves every checkpoint.
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1 or linear context scaling. (head_dim // 2,)"""
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim)
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend in between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif kind != "default":
+        raise ValueError(f"unsupported rope scaling type {kind!r}: expected default, linear or llama3")
+    return inv_freq.float()
+
+
+def rope_tables(args: ModelArgs, inv_freq: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position, each (max_seq_len, head_dim), float32."""
+    pos = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(pos, inv_freq.to(device))            # (max_seq_len, head_dim // 2)
+    angles = torch.cat([angles, angles], dim=-1)               # both halves rotate by the same angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, head_dim) by per-position cos/sin (B, 1, T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- attention
+class KVCache(nn.Module):
+    """Keys and values of past positions, preallocated once: (B, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at positions start..start+T; return everything up to there."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.attn_bias)
+        self.k = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
+        self.v = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
+        self.o = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int = 0):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, hd)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)                                      # (B, n_kv, start+T, hd)
+        # mask None means plain causal attention over T == S positions (or one query over all keys)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_rope(rope_frequencies(args))
+
+    def init_rope(self, inv_freq: torch.Tensor) -> None:
+        """(Re)build the rotary tables on the model's device; not part of the checkpoint."""
+        cos, sin = rope_tables(self.args, inv_freq, self.tok_embeddings.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        a, w = self.args, self.tok_embeddings.weight
+        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device) for _ in self.layers]
+
+    def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T) sitting at cache slots start..start+T.
+
+        pad (B,) counts the left-padding slots of each row: row b's real tokens begin at slot
+        pad[b], so its position ids are slot - pad[b] and its padding is never attended to.
+        Without a cache this is the plain differentiable forward pass the trainer uses.
+        """
+        B, T = tokens.shape
+        if start + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.args.max_seq_len}")
+        slots = torch.arange(start, start + T, device=tokens.device)
+        positions = slots.expand(B, T) if pad is None else (slots - pad[:, None]).clamp(min=0)
+        cos = self.rope_cos[positions].unsqueeze(1).to(self.norm.weight.dtype)  # (B, 1, T, hd)
+        sin = self.rope_sin[positions].unsqueeze(1).to(self.norm.weight.dtype)
+        window = self.args.sliding_window
+        needs_mask = pad is not None or (start > 0 and T > 1) or window is not None
+        mask = attention_mask(slots, pad, window) if needs_mask else None
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
+        return self.output(self.norm(x)).float()
+
+
+def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | None) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, S) mask: query slot i sees key slot j <= i that is not padding.
+
+    A padding query sees itself only, so no row is empty (an all-False row gives NaN).
+    """
+    keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
+    q, k = slots[:, None], keys[None, :]                           # (T, 1), (1, S)
+    mask = (k <= q)[None, None]                                    # (1, 1, T, S)
+    if window:
+        mask = mask & (k > q - window)
+    if pad is not None:
+        real = keys[None, :] >= pad[:, None]                       # (B, S): key is not padding
+        mask = (mask & real[:, None, None, :]) | (k == q)[None, None]
+    return mask
+
+
+# ----------------------------------------------------------------------------- generation
+@dataclass
+class Completion:
+    tokens: list[int]                                     # generated ids, including a final stop token
+    text: str                                             # decoded, cut before any stop string
+    logprobs: list[float] = field(default_factory=list)   # log p(token) under the model (temperature 1)
+    finish: str = "length"                                # "stop" (EOS or stop string) or "length"
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """Next tokens (B,) from last-position logits (B, vocab): greedy at temperature 0, else nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p          # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align prompts of different lengths: tokens (B, T) and pad counts (B,)."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
+    pad = torch.tensor([T - len(p) for p in prompts], device=device)
+    return tokens, pad
+
+
+@torch.inference_mode()
+def generate(model: Transformer, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
+             generator: torch.Generator | None = None) -> list[Completion]:
+    """Continue every prompt (a list of token ids) in one batch: prefill, then decode one token at a time."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and no prompt may be empty")
+    device, ctx = model.tok_embeddings.weight.device, model.args.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest >= ctx:
+        raise ValueError(f"prompt of {longest} tokens does not fit the context length {ctx}")
+    max_new_tokens = min(max_new_tokens, ctx - longest)
+    tokens, pad = left_pad(prompts, tokenizer.pad_id, device)
+    B, T = tokens.shape
+    no_pad = bool((pad == 0).all())
+    pad = None if no_pad else pad
+    cache = model.new_cache(B, T + max_new_tokens)
+    logits = model(tokens, pad, cache, 0)[:, -1]               # prefill: the whole prompt at once
+    out = [Completion([], "") for _ in prompts]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        next_tok = sample(logits, temperature, top_p, generator)
+        next_lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None]).squeeze(-1)
+        ids, lps = next_tok.tolist(), next_lp.tolist()            # one device sync per step
+        for b in range(B):
+            if done[b]:
+                continue
+            c = out[b]
+            c.tokens.append(ids[b])
+            c.logprobs.append(lps[b])
+            if ids[b] in tokenizer.stop_ids or stop_strings and _hit_stop_string(c, tokenizer, stop_strings):
+                c.finish, done[b] = "stop", True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(next_tok[:, None], pad, cache, T + step)[:, -1]  # decode one token
+    for c in out:
+        text = tokenizer.decode([t for t in c.tokens if t not in tokenizer.stop_ids])
+        c.text = _cut_at_stop(text, stop_strings)
+    return out
+
+
+def _hit_stop_string(c: Completion, tokenizer, stop_strings) -> bool:
+    tail = tokenizer.decode(c.tokens[-16:])  # a stop string a few characters long ends in the last tokens
+    return any(s in tail for s in stop_strings)
+
+
+def _cut_at_stop(text: str, stop_strings) -> str:
+    cuts = [text.find(s) for s in stop_strings if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+# ----------------------------------------------------------------------------- command line
+def main(prompt: str, max_new_tokens: int, chat: bool, model_path: str | None, device: str, dtype: str,
+         temperature: float, top_p: float, seed: int) -> None:
+    from checkpoint import load  # loading sits in checkpoint.py; imported here to keep the model readable
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model, tokenizer = load(model_path, device=device, dtype=dtype)
+    print(f"loaded in {time.perf_counter() - t0:.1f}s")
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt, bos=tokenizer.add_bos)
+    gen = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
+    t0 = time.perf_counter()
+    [c] = generate(model, tokenizer, [ids], max_new_tokens, temperature, top_p, generator=gen)
+    dt = time.perf_counter() - t0
+    print(("" if chat else prompt) + c.text)
+    print(f"[{len(c.tokens)} tokens in {dt:.2f}s, {len(c.tokens) / dt:.1f} tok/s, finish={c.finish}]")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Generate text with a pretrained Llama-family model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", required=True, help="text to continue (or the user message with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="number of tokens to generate at most")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--model", dest="model_path", default=None,
+                   help="a .gguf file or a Hugging Face checkpoint folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    main(**vars(p.parse_args()))
