@@ -49,7 +49,7 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 whatever the weights' dtype (as the reference does)."""
+    """x / rms(x) * weight, computed in float32 (or float64) whatever the weights' dtype, as the reference does."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -57,9 +57,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -194,11 +194,13 @@ class Transformer(nn.Module):
         return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device) for _ in self.layers]
 
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+                cache: list[KVCache] | None = None, start: int = 0, last: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T) sitting at cache slots start..start+T.
 
         pad (B,) counts the left-padding slots of each row: row b's real tokens begin at slot
         pad[b], so its position ids are slot - pad[b] and its padding is never attended to.
+        last: compute logits for the last `last` positions only (the output head is the
+        biggest matmul of a small model; prefill needs one position, the trainer the response).
         Without a cache this is the plain differentiable forward pass the trainer uses.
         """
         B, T = tokens.shape
@@ -214,7 +216,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
-        return self.output(self.norm(x)).float()
+        if last is not None:
+            x = x[:, -last:]
+        logits = self.output(self.norm(x))
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 (or 64) for softmax
 
 
 def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | None) -> torch.Tensor:
@@ -263,6 +268,22 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return tokens, pad
 
 
+def generate_all(model: Transformer, tokenizer, prompts: list[list[int]], batch_size: int, desc: str = "generate",
+                 **kwargs) -> list[Completion]:
+    """generate() over many prompts in batches of similar length (less padding), with a progress bar.
+    Results come back in the prompts' order; kwargs go to generate()."""
+    from tqdm import tqdm
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Completion | None] = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            for j, c in zip(idx, generate(model, tokenizer, [prompts[j] for j in idx], **kwargs)):
+                out[j] = c
+            bar.update(len(idx))
+    return out
+
+
 @torch.inference_mode()
 def generate(model: Transformer, tokenizer, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
@@ -280,7 +301,7 @@ def generate(model: Transformer, tokenizer, prompts: list[list[int]], max_new_to
     no_pad = bool((pad == 0).all())
     pad = None if no_pad else pad
     cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(tokens, pad, cache, 0)[:, -1]               # prefill: the whole prompt at once
+    logits = model(tokens, pad, cache, 0, last=1)[:, -1]       # prefill: the whole prompt at once
     out = [Completion([], "") for _ in prompts]
     done = [False] * B
     for step in range(max_new_tokens):

@@ -1,0 +1,250 @@
+"""Singular Value Fine-tuning (SVF), paper section 3.1: experts are vectors that rescale singular values.
+
+Every adapted weight matrix is decomposed once, W = U diag(s) V^T (thin SVD, float32).
+An expert is one vector z per matrix, the length of s, and the adapted weight is
+
+    W' = U diag(s * z) V^T        (z = 1 everywhere gives back the base model)
+
+Parametrisation: the paper's plain scale z, initialised at 1. (The official code uses
+sigmoid(raw) * max_mult with a nuclear-norm rescale and then mixes the raw pre-sigmoid
+vectors, which is not the space it trained in.) Training, mixing and evaluation all
+happen in this one space: z' = sum_k alpha_k z_k is the mixture of section 3.2.
+
+    svd = decompose(model, "mlp")          # cached on disk per base model
+    attach(model, svd)                     # targets become SVFLinear wrappers (z = None: base)
+    use_expert(model, expert.z)            # compose once, cached per expert
+    train_z(model, z)                      # differentiable in z only
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+TARGETS = {  # which matrices of each block SVF adapts; never embeddings, output head or norms
+    "mlp": ("mlp.gate", "mlp.up", "mlp.down"),
+    "attn": ("attention.q", "attention.k", "attention.v", "attention.o"),
+}
+TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transformer-squared" / "svd"
+
+
+def target_names(model: nn.Module, targets: str) -> list[str]:
+    """Module names of the adapted linears, e.g. 'layers.0.mlp.gate'."""
+    if targets not in TARGETS:
+        raise ValueError(f"unknown targets {targets!r}: choose {', '.join(TARGETS)}")
+    return [f"layers.{i}.{t}" for i in range(len(model.layers)) for t in TARGETS[targets]]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the base weights (names, shapes, a strided sample of every tensor).
+
+    The sample is rounded to bfloat16 first, so the same checkpoint loaded in float32 on a CPU
+    or in bfloat16 on a GPU has the same fingerprint, and its experts fit both.
+    """
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        name = name.replace(".base.", ".")  # the same name before and after attach()
+        sample = p.detach().flatten()[::997].to(torch.bfloat16).view(torch.int16).cpu()
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- decompose and compose
+@dataclass
+class SVD:
+    U: torch.Tensor   # (m, r)
+    s: torch.Tensor   # (r,)  singular values, descending
+    Vh: torch.Tensor  # (r, n)
+
+
+def compose(svd: SVD, z: torch.Tensor) -> torch.Tensor:
+    """W' = U diag(s * z) V^T, as (U * (s * z)) @ V^T: one (m, r) x (r, n) matmul."""
+    return (svd.U * (svd.s * z)) @ svd.Vh
+
+
+def decompose(model: nn.Module, targets: str = "mlp", cache_dir: Path | None = CACHE_DIR) -> dict[str, SVD]:
+    """Thin SVD (float32) of every target matrix; loaded from the on-disk cache when present."""
+    from safetensors.torch import load_file, save_file
+    names = target_names(model, targets)
+    path = None if cache_dir is None else Path(cache_dir) / f"{fingerprint(model)}-{targets}.safetensors"
+    if path is not None and path.exists():
+        flat = load_file(path, device=str(base_weight(model, names[0]).device))
+        return {n: SVD(flat[f"{n}.U"], flat[f"{n}.s"], flat[f"{n}.Vh"]) for n in names}
+    out = {}
+    for n in tqdm(names, desc="SVD", leave=False):
+        w = base_weight(model, n)
+        w = w if w.dtype == torch.float64 else w.float()  # float32, or float64 for exact gradient tests
+        U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+        out[n] = SVD(U.contiguous(), s.contiguous(), Vh.contiguous())
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"{n}.{k}": getattr(d, k).cpu() for n, d in out.items() for k in ("U", "s", "Vh")}
+        tmp = path.with_suffix(".tmp")
+        save_file(flat, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves half a cache file
+    return out
+
+
+def base_weight(model: nn.Module, name: str) -> torch.Tensor:
+    m = model.get_submodule(name)
+    return m.base.weight if isinstance(m, SVFLinear) else m.weight
+
+
+def count_params(svd: dict[str, SVD]) -> int:
+    """Trainable numbers of an SVF expert: the sum of r = min(m, n) over adapted matrices."""
+    return sum(d.s.numel() for d in svd.values())
+
+
+# ----------------------------------------------------------------------------- the adapted layer
+class SVFLinear(nn.Module):
+    """Wraps a base nn.Linear: y = x W'^T + b, with W' from z (or the base W when z is None).
+
+    Three modes: base (z None), inference (a merged W' composed once and cached) and
+    training (W' recomposed in every forward so that gradients reach z, and z only).
+    """
+
+    def __init__(self, base: nn.Linear, svd: SVD):
+        super().__init__()
+        self.base, self.svd = base, svd
+        self.z: torch.Tensor | None = None
+        self.merged: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged is not None:
+            w = self.merged
+        elif self.z is not None:
+            w = compose(self.svd, self.z).to(x.dtype)
+        else:
+            w = self.base.weight
+        return F.linear(x, w, self.base.bias)
+
+
+def attach(model: nn.Module, svd: dict[str, SVD]) -> None:
+    """Replace each target linear by an SVFLinear wrapper (idempotent). The base model is unchanged."""
+    for name, d in svd.items():
+        parent, child = name.rsplit(".", 1)
+        m = model.get_submodule(name)
+        if not isinstance(m, SVFLinear):
+            dev = m.weight.device
+            setattr(model.get_submodule(parent), child, SVFLinear(m, SVD(d.U.to(dev), d.s.to(dev), d.Vh.to(dev))))
+
+
+def wrappers(model: nn.Module) -> dict[str, SVFLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SVFLinear)}
+
+
+def ones(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The identity expert: z = 1 for every adapted matrix."""
+    return {n: torch.ones_like(m.svd.s) for n, m in wrappers(model).items()}
+
+
+_MERGED: OrderedDict = OrderedDict()  # expert key -> {name: merged W'}; a few experts kept composed
+
+
+def use_expert(model: nn.Module, z: dict[str, torch.Tensor] | None, key: str | None = None, keep: int = 4) -> None:
+    """Answer with expert z (None: the base model). Composition is cached under `key` (LRU of `keep`)."""
+    ws = wrappers(model)
+    if z is None:
+        for m in ws.values():
+            m.z, m.merged = None, None
+        return
+    check_z(model, z)
+    if key is not None and key in _MERGED:
+        _MERGED.move_to_end(key)
+        merged = _MERGED[key]
+    else:
+        with torch.no_grad():
+            merged = {n: compose(m.svd, z[n].to(m.svd.s)).to(m.base.weight.dtype) for n, m in ws.items()}
+        if key is not None:
+            _MERGED[key] = merged
+            while len(_MERGED) > keep:
+                _MERGED.popitem(last=False)
+    for n, m in ws.items():
+        m.z, m.merged = None, merged[n]
+
+
+def train_z(model: nn.Module, z: dict[str, torch.Tensor] | None) -> None:
+    """Recompose W' from z in every forward (autograd flows into z); None goes back to the base."""
+    if z is not None:
+        check_z(model, z)
+    for n, m in wrappers(model).items():
+        m.z, m.merged = (None if z is None else z[n]), None
+
+
+def check_z(model: nn.Module, z: dict[str, torch.Tensor]) -> None:
+    ws = wrappers(model)
+    if set(z) != set(ws):
+        missing, extra = sorted(set(ws) - set(z)), sorted(set(z) - set(ws))
+        raise ValueError(f"expert does not fit this model's adapted matrices: missing {missing[:3]}, extra {extra[:3]}"
+                         " (was it trained with other --targets?)")
+    for n, m in ws.items():
+        if z[n].shape != m.svd.s.shape:
+            raise ValueError(f"expert vector {n} has shape {tuple(z[n].shape)}, expected {tuple(m.svd.s.shape)}")
+
+
+# ----------------------------------------------------------------------------- mixing (section 3.2)
+def mix(experts: list[dict[str, torch.Tensor]], alphas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """z' = sum_k alpha_k z_k. alphas: (K,) one weight per expert, or (K, M) one per expert per matrix
+    (M matrices in the experts' own order)."""
+    names = list(experts[0])
+    if alphas.dim() == 1 and len(alphas) == len(experts):
+        alphas = alphas[:, None].expand(len(experts), len(names))
+    if alphas.shape != (len(experts), len(names)):
+        raise ValueError(f"alphas of shape {tuple(alphas.shape)}: expected ({len(experts)},) or "
+                         f"({len(experts)}, {len(names)})")
+    return {n: sum(alphas[k, j] * e[n] for k, e in enumerate(experts)) for j, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------- expert files
+@dataclass
+class Expert:
+    z: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)  # base_model fingerprint, targets, task, config, val score...
+
+    def save(self, path: str | Path) -> None:
+        """Atomic: written to a temporary file, then renamed over the target."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({n: v.detach().float().cpu().contiguous() for n, v in self.z.items()}, tmp,
+                  metadata={"meta": json.dumps(self.meta)})
+        tmp.replace(path)
+
+    @staticmethod
+    def load(path: str | Path, model: nn.Module | None = None) -> "Expert":
+        """Read an expert; with `model`, refuse one made for another base model or other shapes."""
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no expert file {path}")
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            z = {n: f.get_tensor(n) for n in f.keys()}
+        expert = Expert(z, meta)
+        if model is not None:
+            fp = model_fingerprint(model)
+            if meta.get("base_model") != fp:
+                raise ValueError(f"{path.name} was trained on base model {meta.get('base_model')}, "
+                                 f"but the loaded model is {fp}: experts only fit the model they were trained on")
+            dev = next(iter(wrappers(model).values())).svd.s.device
+            expert.z = {n: v.to(dev) for n, v in z.items()}
+            check_z(model, expert.z)
+        return expert
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """The base model's fingerprint, computed once and remembered on the model."""
+    if not hasattr(model, "_svf_fingerprint"):
+        model._svf_fingerprint = fingerprint(model)
+    return model._svf_fingerprint

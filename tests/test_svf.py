@@ -1,0 +1,183 @@
+"""svf.py and rl.py: SVF composition, expert files, mixing, the REINFORCE+KL objective, resume."""
+import json
+
+import pytest
+import torch
+
+import rl
+import svf
+from model import ModelArgs, Transformer
+
+TINY = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=64)
+
+
+def tiny_model(dtype=torch.float64, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(TINY).to(dtype).eval().requires_grad_(False)
+
+
+def tiny_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 64, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    responses = [torch.randint(2, 64, (n,), generator=g).tolist() for n in (4, 2, 6)]
+    return rl.pack(prompts, responses, pad_id=0)
+
+
+def test_compose_with_ones_is_the_weight_and_count():
+    model = tiny_model()
+    svd = svf.decompose(model, "all", cache_dir=None)
+    for name, d in svd.items():
+        torch.testing.assert_close(svf.compose(d, torch.ones_like(d.s)), svf.base_weight(model, name), atol=1e-12, rtol=0)
+    # per layer: q 32x32, k 16x32, v 16x32, o 32x32 -> 32+16+16+32; gate, up 48x32 and down 32x48 -> 3*32
+    assert svf.count_params(svd) == 2 * (32 + 16 + 16 + 32 + 3 * 32)
+
+
+def test_targets_never_touch_embeddings_head_or_norms():
+    model = tiny_model()
+    names = svf.target_names(model, "all")
+    assert all(".attention." in n or ".mlp." in n for n in names)
+    with pytest.raises(ValueError, match="unknown targets 'ffn'"):
+        svf.target_names(model, "ffn")
+
+
+def test_decomposition_cache_roundtrip(tmp_path):
+    model = tiny_model(torch.float32)
+    first = svf.decompose(model, "mlp", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    second = svf.decompose(model, "mlp", cache_dir=tmp_path)
+    for n in first:
+        assert torch.equal(first[n].U, second[n].U) and torch.equal(first[n].s, second[n].s)
+
+
+def test_use_expert_matches_training_composition_and_base():
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (2, 7))
+    base = model(tokens)
+    svf.attach(model, svf.decompose(model, "all", cache_dir=None))
+    svf.use_expert(model, svf.ones(model))
+    torch.testing.assert_close(model(tokens), base, atol=1e-10, rtol=0)
+    z = {n: 1 + 0.3 * torch.randn_like(v) for n, v in svf.ones(model).items()}
+    svf.use_expert(model, z, key="x")
+    merged = model(tokens)
+    svf.train_z(model, z)
+    torch.testing.assert_close(model(tokens), merged)
+    svf.use_expert(model, None)
+    torch.testing.assert_close(model(tokens), base)
+    assert (merged - base).abs().max() > 1e-3  # the expert really changes the model
+
+
+def test_mix_of_one_expert_and_identical_experts():
+    model = tiny_model()
+    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    a = {n: torch.rand_like(v) for n, v in svf.ones(model).items()}
+    b = {n: torch.rand_like(v) for n, v in svf.ones(model).items()}
+    for n, v in svf.mix([a, b], torch.tensor([1.0, 0.0], dtype=torch.float64)).items():
+        assert torch.equal(v, a[n])
+    for n, v in svf.mix([a, a, a], torch.full((3,), 1 / 3, dtype=torch.float64)).items():
+        torch.testing.assert_close(v, a[n])
+    per_matrix = torch.zeros(2, len(a), dtype=torch.float64)
+    per_matrix[0, ::2], per_matrix[1, 1::2] = 1.0, 1.0  # even matrices from a, odd from b
+    mixed = svf.mix([a, b], per_matrix)
+    for j, n in enumerate(a):
+        assert torch.equal(mixed[n], (a if j % 2 == 0 else b)[n])
+    with pytest.raises(ValueError, match="alphas of shape"):
+        svf.mix([a, b], torch.ones(3))
+
+
+def test_expert_file_reloads_bit_exactly_and_refuses_other_models(tmp_path):
+    model = tiny_model(torch.float32)
+    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    z = {n: torch.rand_like(v) for n, v in svf.ones(model).items()}
+    meta = {"base_model": svf.model_fingerprint(model), "targets": "mlp", "task": "gsm8k"}
+    svf.Expert(z, meta).save(tmp_path / "e.safetensors")
+    back = svf.Expert.load(tmp_path / "e.safetensors", model)
+    assert back.meta == meta and all(torch.equal(back.z[n], z[n]) for n in z)
+    assert (tmp_path / "e.safetensors").stat().st_size < 10_000  # only z and metadata, no base weights
+    other = tiny_model(torch.float32, seed=1)
+    svf.attach(other, svf.decompose(other, "mlp", cache_dir=None))
+    with pytest.raises(ValueError, match="trained on base model"):
+        svf.Expert.load(tmp_path / "e.safetensors", other)
+    attn = tiny_model(torch.float32)
+    svf.attach(attn, svf.decompose(attn, "attn", cache_dir=None))
+    with pytest.raises(ValueError, match="other --targets"):
+        svf.Expert.load(tmp_path / "e.safetensors", attn)
+
+
+def test_advantages():
+    r = torch.tensor([[1.0, -1, -1, -1], [1, 1, 1, 1]])
+    assert torch.equal(rl.advantages(r, "none"), r)
+    assert torch.equal(rl.advantages(r, "mean"), torch.tensor([[1.5, -0.5, -0.5, -0.5], [0, 0, 0, 0]]))
+    loo = rl.advantages(r, "loo")
+    assert torch.allclose(loo[0], torch.tensor([2.0, -2 / 3, -2 / 3, -2 / 3])) and loo[1].abs().sum() == 0
+
+
+def test_kl_is_zero_at_identity_positive_otherwise_and_matches_torch():
+    lz, lb = torch.randn(3, 5, 64, dtype=torch.float64), torch.randn(3, 5, 64, dtype=torch.float64)
+    assert rl.exact_kl(lb, lb).abs().max() < 1e-12
+    kl = rl.exact_kl(lz, lb)
+    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=lz),
+                                            torch.distributions.Categorical(logits=lb))
+    torch.testing.assert_close(kl, ref)
+    assert (kl > 0).all()
+    reverse = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=lb),
+                                                torch.distributions.Categorical(logits=lz))
+    assert (kl - reverse).abs().max() > 1e-3  # the direction matters, and ours is KL(pi_z || pi_base)
+
+
+def test_kl_term_of_the_loss_is_zero_at_z_one():
+    model = tiny_model()
+    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    tokens, pad, targets, mask = tiny_batch()
+    z = {n: v.requires_grad_() for n, v in svf.ones(model).items()}
+    _, parts = rl.reinforce_loss(model, z, tokens, pad, targets, mask, torch.zeros(3, dtype=torch.float64), 0.5, 3)
+    assert abs(parts["kl"]) < 1e-12
+    z = {n: (1 + 0.2 * torch.randn_like(v)).requires_grad_() for n, v in z.items()}
+    _, parts = rl.reinforce_loss(model, z, tokens, pad, targets, mask, torch.zeros(3, dtype=torch.float64), 0.5, 3)
+    assert parts["kl"] > 1e-6
+
+
+def test_reinforce_gradient_matches_finite_differences():
+    model = tiny_model()
+    svf.attach(model, svf.decompose(model, "all", cache_dir=None))
+    tokens, pad, targets, mask = tiny_batch()
+    adv = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    z0 = {n: 1 + 0.1 * torch.randn_like(v) for n, v in svf.ones(model).items()}
+
+    def loss_at(z):
+        return rl.reinforce_loss(model, z, tokens, pad, targets, mask, adv, 0.3, 3)[0]
+
+    z = {n: v.clone().requires_grad_() for n, v in z0.items()}
+    loss_at(z).backward()
+    eps = 1e-6
+    for name in ["layers.0.attention.k", "layers.1.mlp.down"]:
+        for i in (0, 3):
+            plus = {n: v.clone() for n, v in z0.items()}
+            minus = {n: v.clone() for n, v in z0.items()}
+            plus[name][i] += eps
+            minus[name][i] -= eps
+            with torch.no_grad():
+                fd = (loss_at(plus) - loss_at(minus)) / (2 * eps)
+            assert abs(fd - z[name].grad[i]) < 1e-6 * max(1.0, abs(fd)), (name, i, fd, z[name].grad[i])
+
+
+def test_pack_aligns_responses_at_the_end():
+    tokens, pad, targets, mask = rl.pack([[5, 6], [7, 8, 9]], [[10, 11, 12], [13]], pad_id=0)
+    assert tokens.tolist() == [[5, 6, 10, 11, 12], [0, 7, 8, 9, 13]]
+    assert pad.tolist() == [0, 1]
+    assert targets.tolist() == [[10, 11, 12], [9, 8, 13]][:1] + [[8, 9, 13]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+@pytest.mark.real
+def test_real_model_z_one_equals_base(real):
+    model, tok = real
+    ids = torch.tensor([tok.encode_chat([{"role": "user", "content": "What is 12 times 7?"}])])
+    with torch.no_grad():
+        base = model(ids)
+        svf.attach(model, svf.decompose(model, "all"))
+        svf.use_expert(model, svf.ones(model))
+        adapted = model(ids)
+        svf.use_expert(model, None)
+    diff = (adapted - base).abs().max().item()
+    print(f"z = 1 vs base: max |logit difference| {diff:.2e}")
+    assert diff < 1e-3

@@ -1,0 +1,94 @@
+"""Train an SVF expert with REINFORCE + KL (paper section 3.1) on one task.
+
+    python train.py --task gsm8k                      # the math expert, default model, CPU
+    python train.py --task arc_easy --steps 60 --kl-coef 0.2 --out runs/arc
+    python train.py --task gsm8k --resume             # continue an interrupted run
+
+Writes into --out: best.safetensors (the expert with the best validation accuracy),
+last.safetensors, state.pt (to resume), log.jsonl (one line per step), config.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import rl
+import svf
+from checkpoint import load
+
+TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(model: str | None, out: str | None, resume: bool, device: str, dtype: str, threads: int, **kwargs) -> None:
+    cfg = rl.TrainConfig(**kwargs)
+    if cfg.task not in TRAIN_TASKS:
+        raise SystemExit(f"error: unknown training task {cfg.task!r}; choose one of {', '.join(TRAIN_TASKS)}")
+    if cfg.baseline == "loo" and cfg.samples < 2:
+        raise SystemExit("error: --baseline loo needs --samples 2 or more")
+    if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.gen_batch) < 1:
+        raise SystemExit("error: --steps, --batch-size, --samples, --micro-batch and --gen-batch must be positive")
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(cfg.seed)
+    out_dir = Path(out or f"runs/{cfg.task}-svf-{cfg.targets}-seed{cfg.seed}")
+    config = {**asdict(cfg), "model": model or "default (SmolLM2-135M-Instruct)", "out": str(out_dir),
+              "device": device, "dtype": dtype, "command": "python " + " ".join(sys.argv)}
+    print(json.dumps(config, indent=2))
+    try:
+        net, tokenizer = load(model, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    svd = svf.decompose(net, cfg.targets)
+    n_base = sum(p.numel() for p in net.parameters())
+    print(f"SVF on '{cfg.targets}': {svf.count_params(svd):,} trainable numbers "
+          f"({100 * svf.count_params(svd) / n_base:.3f}% of the base model's {n_base:,})")
+    expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume)
+    print(f"best validation accuracy {expert.meta.get('val_accuracy', float('nan')):.3f} at step "
+          f"{expert.meta.get('step')}: {out_dir / 'best.safetensors'}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
+    p.add_argument("--task", default="gsm8k", choices=TRAIN_TASKS, help="task to train the expert on")
+    p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--targets", default="mlp", choices=list(svf.TARGETS), help="matrices that get a z vector")
+    p.add_argument("--steps", type=int, default=defaults["steps"], help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="prompts per step")
+    p.add_argument("--samples", type=int, default=defaults["samples"], help="responses sampled per prompt")
+    p.add_argument("--temperature", type=float, default=defaults["temperature"], help="rollout temperature")
+    p.add_argument("--top-p", type=float, default=defaults["top_p"], help="rollout nucleus threshold")
+    p.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="0: the task's default")
+    p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate on z")
+    p.add_argument("--cosine", action="store_true", help="cosine-decay the learning rate to 0")
+    p.add_argument("--kl-coef", type=float, default=defaults["kl_coef"], help="lambda of the KL(pi_z || pi_base) penalty")
+    p.add_argument("--baseline", default=defaults["baseline"], choices=["none", "mean", "loo"],
+                   help="subtracted from the reward: none (paper), group mean, or leave-one-out mean")
+    p.add_argument("--clip", type=float, default=defaults["clip"], help="gradient-norm clipping")
+    p.add_argument("--micro-batch", type=int, default=defaults["micro_batch"], help="sequences per backward pass")
+    p.add_argument("--gen-batch", type=int, default=defaults["gen_batch"], help="sequences per generation batch")
+    p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="validate every N steps (0: never)")
+    p.add_argument("--val-limit", type=int, default=defaults["val_limit"], help="validation problems (0: all)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/TASK-svf-TARGETS-seedSEED)")
+    p.add_argument("--seed", type=int, default=defaults["seed"], help="seeds python, numpy, torch and the data order")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    main(**vars(p.parse_args()))
