@@ -134,6 +134,10 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (sequences that finished leave the batch)."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
 
 class Attention(nn.Module):
     """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
@@ -318,21 +322,28 @@ def generate(model: Transformer, tokenizer, prompts: list[list[int]], max_new_to
     cache = model.new_cache(B, T + max_new_tokens)
     logits = model(tokens, pad, cache, 0, last=1)[:, -1]       # prefill: the whole prompt at once
     out = [Completion([], "") for _ in prompts]
-    done = [False] * B
+    rows = list(range(B))  # rows[i]: which prompt row i of the shrinking batch belongs to
     for step in range(max_new_tokens):
         next_tok = sample(logits, temperature, top_p, generator)
         next_lp = torch.log_softmax(logits, dim=-1).gather(-1, next_tok[:, None]).squeeze(-1)
         ids, lps = next_tok.tolist(), next_lp.tolist()            # one device sync per step
-        for b in range(B):
-            if done[b]:
-                continue
+        alive = []
+        for i, b in enumerate(rows):
             c = out[b]
-            c.tokens.append(ids[b])
-            c.logprobs.append(lps[b])
-            if ids[b] in tokenizer.stop_ids or stop_strings and _hit_stop_string(c, tokenizer, stop_strings):
-                c.finish, done[b] = "stop", True
-        if all(done) or step == max_new_tokens - 1:
+            c.tokens.append(ids[i])
+            c.logprobs.append(lps[i])
+            if ids[i] in tokenizer.stop_ids or stop_strings and _hit_stop_string(c, tokenizer, stop_strings):
+                c.finish = "stop"
+            else:
+                alive.append(i)
+        if not alive or step == max_new_tokens - 1:
             break
+        if len(alive) < len(rows):  # drop finished rows: later steps only compute the live ones
+            keep = torch.tensor(alive, device=device)
+            rows, next_tok = [rows[i] for i in alive], next_tok[keep]
+            pad = None if pad is None else pad[keep]
+            for layer_cache in cache:
+                layer_cache.keep_rows(keep)
         logits = model(next_tok[:, None], pad, cache, T + step)[:, -1]  # decode one token
     for c in out:
         text = tokenizer.decode([t for t in c.tokens if t not in tokenizer.stop_ids])

@@ -188,12 +188,17 @@ def save_atomic(obj, path: Path) -> None:
     tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
 
 
-def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bool = False,
-          log=print) -> svf.Expert:
-    """Train an expert for cfg.task; writes out/{best,last}.safetensors, state.pt, log.jsonl, config.json."""
+def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bool = False, log=print,
+          task=None, train_set: list[dict] | None = None, val_set: list[dict] | None = None) -> svf.Expert:
+    """Train an expert for cfg.task; writes out/{best,last}.safetensors, state.pt and log.jsonl.
+
+    task, train_set and val_set default to data.TASKS[cfg.task] and its train/validation splits;
+    the classification expert (adapt.py) passes its own.
+    """
     from tqdm import tqdm
-    task = data.TASKS[cfg.task]
-    train_set, val_set = data.load(cfg.task, "train"), data.load(cfg.task, "validation")
+    task = task or data.TASKS[cfg.task]
+    train_set = train_set if train_set is not None else data.load(cfg.task, "train")
+    val_set = val_set if val_set is not None else data.load(cfg.task, "validation")
     val_set = val_set[:cfg.val_limit] if cfg.val_limit else val_set
     svd = svf.decompose(model, cfg.targets)
     svf.attach(model, svd)

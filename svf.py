@@ -72,11 +72,12 @@ def compose(svd: SVD, z: torch.Tensor) -> torch.Tensor:
     return (svd.U * (svd.s * z)) @ svd.Vh
 
 
-def decompose(model: nn.Module, targets: str = "mlp", cache_dir: Path | None = CACHE_DIR) -> dict[str, SVD]:
-    """Thin SVD (float32) of every target matrix; loaded from the on-disk cache when present."""
+def decompose(model: nn.Module, targets: str = "mlp", cache: bool = True, cache_dir: Path | None = None) -> dict[str, SVD]:
+    """Thin SVD (float32) of every target matrix, cached on disk per base model (keyed by its
+    fingerprint, in cache_dir or else CACHE_DIR, outside the repo) and loaded from there next time."""
     from safetensors.torch import load_file, save_file
     names = target_names(model, targets)
-    path = None if cache_dir is None else Path(cache_dir) / f"{fingerprint(model)}-{targets}.safetensors"
+    path = Path(cache_dir or CACHE_DIR) / f"{fingerprint(model)}-{targets}.safetensors" if cache else None
     if path is not None and path.exists():
         flat = load_file(path, device=str(base_weight(model, names[0]).device))
         return {n: SVD(flat[f"{n}.U"], flat[f"{n}.s"], flat[f"{n}.Vh"]) for n in names}

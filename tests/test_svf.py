@@ -25,7 +25,7 @@ def tiny_batch(seed=0):
 
 def test_compose_with_ones_is_the_weight_and_count():
     model = tiny_model()
-    svd = svf.decompose(model, "all", cache_dir=None)
+    svd = svf.decompose(model, "all", cache=False)
     for name, d in svd.items():
         torch.testing.assert_close(svf.compose(d, torch.ones_like(d.s)), svf.base_weight(model, name), atol=1e-12, rtol=0)
     # per layer: q 32x32, k 16x32, v 16x32, o 32x32 -> 32+16+16+32; gate, up 48x32 and down 32x48 -> 3*32
@@ -53,7 +53,7 @@ def test_use_expert_matches_training_composition_and_base():
     model = tiny_model()
     tokens = torch.randint(0, 64, (2, 7))
     base = model(tokens)
-    svf.attach(model, svf.decompose(model, "all", cache_dir=None))
+    svf.attach(model, svf.decompose(model, "all", cache=False))
     svf.use_expert(model, svf.ones(model))
     torch.testing.assert_close(model(tokens), base, atol=1e-10, rtol=0)
     z = {n: 1 + 0.3 * torch.randn_like(v) for n, v in svf.ones(model).items()}
@@ -68,7 +68,7 @@ def test_use_expert_matches_training_composition_and_base():
 
 def test_mix_of_one_expert_and_identical_experts():
     model = tiny_model()
-    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    svf.attach(model, svf.decompose(model, "mlp", cache=False))
     a = {n: torch.rand_like(v) for n, v in svf.ones(model).items()}
     b = {n: torch.rand_like(v) for n, v in svf.ones(model).items()}
     for n, v in svf.mix([a, b], torch.tensor([1.0, 0.0], dtype=torch.float64)).items():
@@ -86,7 +86,7 @@ def test_mix_of_one_expert_and_identical_experts():
 
 def test_expert_file_reloads_bit_exactly_and_refuses_other_models(tmp_path):
     model = tiny_model(torch.float32)
-    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    svf.attach(model, svf.decompose(model, "mlp", cache=False))
     z = {n: torch.rand_like(v) for n, v in svf.ones(model).items()}
     meta = {"base_model": svf.model_fingerprint(model), "targets": "mlp", "task": "gsm8k"}
     svf.Expert(z, meta).save(tmp_path / "e.safetensors")
@@ -94,11 +94,11 @@ def test_expert_file_reloads_bit_exactly_and_refuses_other_models(tmp_path):
     assert back.meta == meta and all(torch.equal(back.z[n], z[n]) for n in z)
     assert (tmp_path / "e.safetensors").stat().st_size < 10_000  # only z and metadata, no base weights
     other = tiny_model(torch.float32, seed=1)
-    svf.attach(other, svf.decompose(other, "mlp", cache_dir=None))
+    svf.attach(other, svf.decompose(other, "mlp", cache=False))
     with pytest.raises(ValueError, match="trained on base model"):
         svf.Expert.load(tmp_path / "e.safetensors", other)
     attn = tiny_model(torch.float32)
-    svf.attach(attn, svf.decompose(attn, "attn", cache_dir=None))
+    svf.attach(attn, svf.decompose(attn, "attn", cache=False))
     with pytest.raises(ValueError, match="other --targets"):
         svf.Expert.load(tmp_path / "e.safetensors", attn)
 
@@ -126,7 +126,7 @@ def test_kl_is_zero_at_identity_positive_otherwise_and_matches_torch():
 
 def test_kl_term_of_the_loss_is_zero_at_z_one():
     model = tiny_model()
-    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    svf.attach(model, svf.decompose(model, "mlp", cache=False))
     tokens, pad, targets, mask = tiny_batch()
     z = {n: v.requires_grad_() for n, v in svf.ones(model).items()}
     _, parts = rl.reinforce_loss(model, z, tokens, pad, targets, mask, torch.zeros(3, dtype=torch.float64), 0.5, 3)
@@ -138,7 +138,7 @@ def test_kl_term_of_the_loss_is_zero_at_z_one():
 
 def test_reinforce_gradient_matches_finite_differences():
     model = tiny_model()
-    svf.attach(model, svf.decompose(model, "all", cache_dir=None))
+    svf.attach(model, svf.decompose(model, "all", cache=False))
     tokens, pad, targets, mask = tiny_batch()
     adv = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
     z0 = {n: 1 + 0.1 * torch.randn_like(v) for n, v in svf.ones(model).items()}
@@ -181,3 +181,77 @@ def test_real_model_z_one_equals_base(real):
     diff = (adapted - base).abs().max().item()
     print(f"z = 1 vs base: max |logit difference| {diff:.2e}")
     assert diff < 1e-3
+
+
+# ----------------------------------------------------------------------------- the trainer, end to end
+class ToyTokenizer:
+    """Ids are small numbers; enough of a tokenizer for the trainer's loop on a tiny random model."""
+    pad_id, stop_ids = 0, {1}
+
+    def encode_chat(self, messages):
+        return [2] + [3 + ord(c) % 60 for c in messages[-1]["content"]]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+class ToyTask:
+    """Reward when the response contains the problem's answer token: rare but not impossible."""
+    name, domain, max_new_tokens, stop = "toy", "math", 5, []
+
+    def messages(self, p):
+        return [{"role": "user", "content": p["question"]}]
+
+    def score(self, p, response):
+        return p["answer"] in response.split()
+
+    def score_many(self, problems, responses, workers=4):
+        return [self.score(p, r) for p, r in zip(problems, responses)]
+
+
+def toy_problems(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [{"question": "q" * int(torch.randint(1, 6, (), generator=g)) + str(i),
+             "answer": str(int(torch.randint(3, 64, (), generator=g)))} for i in range(n)]
+
+
+def run_toy(out, steps, resume=False, interrupt_at=None, monkeypatch=None):
+    model = tiny_model(torch.float32)
+    cfg = rl.TrainConfig(task="toy", targets="mlp", steps=steps, batch_size=2, samples=3, temperature=1.0,
+                         lr=0.05, kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, eval_every=2,
+                         val_limit=0, seed=3)
+    if interrupt_at is not None:  # a Ctrl-C arriving during step `interrupt_at`
+        import os
+        import signal
+        real_step, calls = rl.train_step, []
+
+        def step_then_ctrl_c(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_step(*args, **kwargs)
+        monkeypatch.setattr(rl, "train_step", step_then_ctrl_c)
+    rl.train(model, ToyTokenizer(), cfg, out, resume=resume, log=lambda *a: None, task=ToyTask(),
+             train_set=toy_problems(8, 0), val_set=toy_problems(4, 1))
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+TIMING = ("rollout_tok_s", "t_rollout", "t_score", "t_backward", "t_step")
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    straight = run_toy(tmp_path / "a", steps=5)
+    with pytest.raises(SystemExit):
+        run_toy(tmp_path / "b", steps=5, interrupt_at=2, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 2  # stopped after finishing step 2
+    resumed = run_toy(tmp_path / "b", steps=5, resume=True)
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+    assert strip(resumed) == strip(straight)
+    assert any(r["grad_norm"] > 0 for r in straight)  # it really trained
+    a = svf.Expert.load(tmp_path / "a" / "last.safetensors")
+    b = svf.Expert.load(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(a.z[n], b.z[n]) for n in a.z)
+    assert any((v - 1).abs().max() > 1e-4 for v in a.z.values())

