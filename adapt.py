@@ -15,12 +15,13 @@ c. fewshot  fewshot(): mix the experts, z' = sum_k alpha_k z_k (svf.mix), and se
             pick_shots draws the shots and removes them from the problems that are scored.
 
 How the first pass reads the label. The paper lets the model write "\\boxed{category}" and
-parses it (parse_label, kept for method="generate"). A 135M model often writes something else,
-so by default classify() scores the four possible replies "\\boxed{code}", ... "\\boxed{other}"
-by their log-likelihood and takes the most likely one (label_logprobs): one prefill of the
-prompt plus one forward pass over the short replies, and never an unparsable answer. The
-classification expert is trained to *write* the label (rl samples and parses); raising the
-probability of writing "\\boxed{math}" raises its likelihood too, so both readings agree.
+parses it (parse_label, kept for method="generate"). SmolLM2-135M never did in our check (it
+answers the question instead), so by default classify() scores the four possible replies
+"\\boxed{code}", ... "\\boxed{other}" by their log-likelihood and takes the most likely one
+(label_logprobs): one prefill of the prompt plus one forward pass over the short replies, and
+never an unparsable answer.
+Training the classification expert raises the probability of the right reply "\\boxed{math}",
+which is exactly what this reading compares (see Classification for the rollouts it needs).
 
 Fixes to the official code (PAPER.md section 5): "other" really resets to the base model; the
 classification expert never sees an evaluation question; mixing happens in the space z was
@@ -47,11 +48,14 @@ LABEL_TO_EXPERT = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}  # 
 ALIASES = {"coding": "code", "programming": "code", "python": "code", "maths": "math", "mathematics": "math",
            "arithmetic": "math", "science": "reasoning", "logic": "reasoning"}
 
-# Short on purpose: the small default model follows a short instruction better than the
-# official code's long guidelines.
-CLASSIFY_SYSTEM = ("Classify the user's question into one category: code (write or fix a program), "
-                   "math (calculate a number or solve an equation), reasoning (a science or common-sense "
-                   "question with options) or other. Reply only with \\boxed{category}.")
+# Short, with one line per category (the official prompt's guidelines, condensed). Our check with
+# SmolLM2-135M-Instruct on 48 validation questions (16 per training task): read by likelihood,
+# 60% right (math 13/16, code 16/16, reasoning 0/16: ARC questions go to "code"); written freely,
+# 0 of 8 replies held a category (the model answers the question instead). Two other wordings
+# scored 46% and 62-67% on smaller samples; the weak base reader is what the cls expert is for.
+CLASSIFY_SYSTEM = ("Classify the user's question into one category. code: it asks for a program or a function. "
+                   "math: a calculation or a math problem. reasoning: a science or common-sense question, "
+                   "often with options to choose from. other: anything else. Reply only with \\boxed{category}.")
 
 
 def classify_messages(question: str) -> list[dict[str, str]]:
@@ -107,7 +111,7 @@ def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None
         prompts = [tokenizer.encode_chat(classify_messages(q)) for q in questions]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: less padding
         labels: list[str] = [""] * len(prompts)
-        replies = [tokenizer.encode(f"\\boxed{{{label}}}") for label in LABELS]
+        replies = [tokenizer.encode(r) for r in CLS_TASK.option_responses()]
         for i in tqdm(range(0, len(order), batch_size), desc="classify", leave=False):
             idx = order[i:i + batch_size]
             batch = [prompts[j] for j in idx]
@@ -166,7 +170,12 @@ def cls_problems(split: str, per_task: int = 0, seed: int = 0) -> list[dict]:
 
 
 class Classification(data.Task):
-    """Task-like: rl.train trains the classification expert z_c on it (reward +1 for the right label)."""
+    """Task-like: rl.train trains the classification expert z_c on it (reward +1 for the right label).
+
+    Beware: SmolLM2-135M-Instruct almost never writes a category when sampling (0 of 48 replies at
+    temperature 0.7 held one), so free-generation rollouts get the same -1 for every sample and
+    REINFORCE with a baseline learns nothing; sampling one of option_responses() by likelihood
+    (as classify() reads them) gives the trainer a signal."""
     name, domain, max_new_tokens, stop = "cls", "other", 16, []
 
     def messages(self, problem: dict) -> list[dict[str, str]]:
@@ -180,6 +189,10 @@ class Classification(data.Task):
 
     def reference_response(self, problem: dict) -> str:
         return f"\\boxed{{{problem['answer']}}}"
+
+    def option_responses(self, problem: dict | None = None) -> list[str]:
+        """The four possible replies, in LABELS order (as ARC's options: for a likelihood-based choice)."""
+        return [f"\\boxed{{{label}}}" for label in LABELS]
 
 
 CLS_TASK = Classification()
@@ -250,7 +263,7 @@ def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[li
         dev = logits.device
         logp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None]).squeeze(-1)
         mask = mask.to(dev)
-        means += ((logp * mask).sum(1) / mask.sum(1)).tolist()
+        means += ((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
     return sum(means) / len(means)
 
 
@@ -281,7 +294,11 @@ def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict], e
             per_layer: bool = False, generations: int = 10, population: int = 32,
             seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
     """The adapted z' for a task, and a report: expert names, the best alpha, the shots' ids and the
-    CEM history (for eval.py to save as JSON). The paper ran 50-100 generations; 10 suits a CPU."""
+    CEM history (for eval.py to save as JSON).
+
+    Cost: population + 1 objective calls per generation (population in the first), each a greedy
+    generation of the k shots plus a forward pass over their references. The paper ran 50-100
+    generations; 10 keeps a CPU run to hours rather than days."""
     names, zs = list(experts), list(experts.values())
     K, M = len(zs), len(zs[0])
     objective = fewshot_objective(model, tokenizer, task, shots, zs, per_layer)
@@ -290,12 +307,13 @@ def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict], e
     alphas = alpha.view(K, M) if per_layer else alpha
     report = {"task": task.name, "experts": names, "per_layer": per_layer, "alpha": alphas.tolist(),
               "best": history[-1]["best"], "shots": [s["id"] for s in shots], "population": population,
-              "generations": history}
+              "history": history}
     return svf.mix(zs, alphas.float()), report
 
 
-def save_adapted(path, model: Transformer, z: dict[str, torch.Tensor], report: dict, targets: str) -> svf.Expert:
+def save_adapted(path, model: Transformer, z: dict[str, torch.Tensor], report: dict) -> svf.Expert:
     """Save z' as an ordinary expert file (reusable with --strategy expert:PATH)."""
+    targets = next(t for t in svf.TARGETS if set(svf.target_names(model, t)) == set(z))
     meta = {"base_model": svf.model_fingerprint(model), "targets": targets, "task": report["task"],
             "parametrisation": "plain z, W' = U diag(s*z) V^T",
             "fewshot": {k: report[k] for k in ("experts", "per_layer", "alpha", "best", "shots")}}

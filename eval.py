@@ -3,12 +3,26 @@
     python eval.py --task gsm8k --strategy base --limit 200
     python eval.py --task all --strategy base
     python eval.py --task arc_easy --strategy expert:arc_easy      # a shipped expert (experts/arc_easy.safetensors)
-    python eval.py --strategy fewshot                               # the unseen tasks, few-shot adaptation
+    python eval.py --strategy prompt                                # the unseen tasks, the base model picks the expert
+    python eval.py --strategy cls                                   # ... the classification expert picks it
+    python eval.py --strategy fewshot                               # ... CEM mixes the experts on 10 shots
+
+Strategies (paper section 3.2, see adapt.py). A first pass decides the expert of each problem,
+a second pass answers, grouped by expert:
+    base            z = 1 (no adaptation)
+    expert:NAME     one expert for every problem (experts/NAME.safetensors, or a .safetensors path)
+    prompt          the base model classifies each question as code/math/reasoning/other;
+                    the label picks mbpp/gsm8k/arc_easy, "other" the base model
+    cls             the same, read by the classification expert experts/cls.safetensors
+    fewshot         z' = sum_k alpha_k z_k over the three experts, alpha searched by CEM on
+                    --shots problems of the task (then left out of the scored problems)
 
 For each task: batched generation (a progress bar), scoring, and a one-line summary with
 accuracy, correct/total, a 95% Wilson interval and the time. Every prompt, response,
-extracted answer and verdict is written as JSONL, the summary as JSON, into
---out/<strategy>/<task>/ (the folder is printed).
+extracted answer, verdict and the expert that answered (with the first pass's label) is
+written as JSONL, the summary (with first- and second-pass times) as JSON, into
+--out/<strategy>/<task>/ (the folder is printed); fewshot adds fewshot.json (alpha, shots,
+the CEM history) and fewshot.safetensors (the adapted z', usable as --strategy expert:PATH).
 """
 from __future__ import annotations
 
@@ -24,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import adapt
 import data
 import svf
 from checkpoint import load
@@ -31,6 +46,7 @@ from model import generate_all
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
+DOMAIN_EXPERTS = list(adapt.LABEL_TO_EXPERT.values())     # gsm8k (math), mbpp (code), arc_easy (reasoning)
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -51,14 +67,44 @@ def subset(problems: list[dict], limit: int, seed: int) -> list[dict]:
     return [problems[i] for i in keep]
 
 
-def resolve_expert(name: str) -> Path:
-    path = Path(name)
-    if path.suffix != ".safetensors":
-        path = EXPERTS_DIR / f"{name}.safetensors"
-    if not path.exists():
-        shipped = sorted(p.stem for p in EXPERTS_DIR.glob("*.safetensors"))
-        raise SystemExit(f"error: no expert {name!r} (looked for {path}); shipped experts: {', '.join(shipped) or 'none'}")
-    return path
+def experts_needed(strategy: str) -> list[str]:
+    """The expert files a strategy reads."""
+    if strategy == "base":
+        return []
+    if strategy.startswith("expert:"):
+        return [strategy.split(":", 1)[1]]
+    if strategy in ("prompt", "fewshot"):
+        return DOMAIN_EXPERTS
+    if strategy == "cls":
+        return DOMAIN_EXPERTS + ["cls"]
+    raise SystemExit(f"error: unknown strategy {strategy!r}; choose base, prompt, cls, fewshot or expert:NAME")
+
+
+def resolve_experts(names: list[str], experts_dir: Path) -> dict[str, Path]:
+    """name -> file of each expert (NAME.safetensors in experts_dir, or a .safetensors path); an error
+    that names every missing file."""
+    paths = {n: Path(n) if n.endswith(".safetensors") else experts_dir / f"{n}.safetensors" for n in names}
+    missing = [f"{p}" + (f" (train it: python train.py --task {n}, then copy its best.safetensors there)"
+                         if n in DOMAIN_EXPERTS + ["cls"] else "") for n, p in paths.items() if not p.exists()]
+    if missing:
+        there = sorted(p.stem for p in experts_dir.glob("*.safetensors"))
+        raise SystemExit("error: missing expert file(s):\n  " + "\n  ".join(missing) +
+                         f"\nexperts in {experts_dir}: {', '.join(there) or 'none'}")
+    return paths
+
+
+def load_experts(model, paths: dict[str, Path]) -> dict[str, dict]:
+    """name -> z of each expert file, after wrapping the matrices they adapt (all experts must agree)."""
+    if not paths:
+        return {}
+    targets = {n: svf.Expert.load(p).meta.get("targets", "mlp") for n, p in paths.items()}
+    if len(set(targets.values())) > 1:
+        raise SystemExit(f"error: these experts adapt different matrices and cannot be used together: {targets}")
+    svf.attach(model, svf.decompose(model, next(iter(targets.values()))))
+    try:
+        return {n: svf.Expert.load(p, model).z for n, p in paths.items()}
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
 
 def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None], choice: list[str],
@@ -78,21 +124,48 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
     return completions
 
 
-def evaluate_task(model, tokenizer, task_name: str, strategy: str, split: str, limit: int, seed: int,
-                  batch_size: int, max_new_tokens: int, workers: int, out_dir: Path, command: str) -> dict:
-    task = data.TASKS[task_name]
-    problems = subset(data.load(task_name, split), limit, seed)
-    t0 = time.perf_counter()
+def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
+               shot_problems: list[dict], generations: int, population: int, per_layer: bool, classify: str,
+               batch_size: int, seed: int, out: Path) -> tuple[list[str], dict[str, dict | None], list[str | None]]:
+    """Decide the expert of every problem: choice[i] names it, experts maps names to z (None: the base
+    model); labels[i] is the category the classifier read (prompt, cls), else None."""
+    labels: list[str | None] = [None] * len(problems)
     if strategy == "base":
-        experts, choice, first_pass = {"base": None}, ["base"] * len(problems), 0.0
-    elif strategy.startswith("expert:"):
+        return ["base"] * len(problems), {"base": None}, labels
+    if strategy.startswith("expert:"):
         name = strategy.split(":", 1)[1]
-        expert = svf.Expert.load(resolve_expert(name))
-        svf.attach(model, svf.decompose(model, expert.meta.get("targets", "mlp")))
-        expert = svf.Expert.load(resolve_expert(name), model)
-        experts, choice, first_pass = {name: expert.z}, [name] * len(problems), 0.0
-    else:
-        raise SystemExit(f"error: unknown strategy {strategy!r}; choose base or expert:NAME")
+        return [name] * len(problems), {name: loaded[name]}, labels
+    if strategy in ("prompt", "cls"):
+        questions = [task.messages(p)[-1]["content"] for p in problems]  # what the second pass's user says
+        labels = adapt.classify(model, tokenizer, questions, loaded["cls"] if strategy == "cls" else None,
+                                batch_size, classify)
+        return adapt.dispatch(labels), {**{n: loaded[n] for n in DOMAIN_EXPERTS}, "base": None}, labels
+    # fewshot; the name holds the task, so that answer()'s cache of composed weights never mixes tasks up
+    name = f"fewshot-{task.name}"
+    z, report = adapt.fewshot(model, tokenizer, task, shot_problems, {n: loaded[n] for n in DOMAIN_EXPERTS},
+                              per_layer, generations, population, seed)
+    (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
+    adapt.save_adapted(out / "fewshot.safetensors", model, z, report)
+    alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], torch.tensor(report["alpha"]).reshape(
+        len(report["experts"]), -1).mean(1).tolist()))
+    print(f"{task.name}: few-shot alpha ({'mean over matrices: ' if per_layer else ''}{alpha}), "
+          f"shot accuracy {report['best'][0]:.0%}, log-likelihood {report['best'][1]:.3f}", flush=True)
+    return [name] * len(problems), {name: z}, labels
+
+
+def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[str, dict], split: str, limit: int,
+                  seed: int, batch_size: int, max_new_tokens: int, workers: int, out_dir: Path, command: str,
+                  shots: int, generations: int, population: int, per_layer: bool, classify: str) -> dict:
+    task = data.TASKS[task_name]
+    problems, shot_problems = data.load(task_name, split), []
+    if strategy == "fewshot":  # the shots first, so that the scored subset never holds one
+        shot_problems, problems = adapt.pick_shots(task_name, split, problems, shots, seed)
+    problems = subset(problems, limit, seed)
+    out = out_dir / strategy.replace(":", "-").replace("/", "_") / task_name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    choice, experts, labels = first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
+                                         generations, population, per_layer, classify, batch_size, seed, out)
     t1 = time.perf_counter()
     completions = answer(model, tokenizer, task, problems, experts, choice, batch_size, max_new_tokens)
     t2 = time.perf_counter()
@@ -102,36 +175,46 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, split: str, l
     correct, n = sum(verdicts), len(problems)
     lo, hi = wilson(correct, n)
     answers = Counter("(none)" if e is None else e for e in extracted)
+    classified = strategy in ("prompt", "cls")
     summary = {
         "task": task_name, "strategy": strategy, "split": split, "n": n, "correct": correct,
         "accuracy": correct / n, "ci95": [lo, hi], "no_answer": answers.get("(none)", 0),
         "answer_distribution": dict(answers.most_common(8)) if task.domain == "reasoning" else None,
+        "experts": dict(Counter(choice)),
+        "labels": dict(Counter(labels)) if classified else None,
+        "routing_accuracy": sum(l == task.domain for l in labels) / n if classified else None,  # label == domain
+        "shots": [s["id"] for s in shot_problems] or None,
         "first_pass_s": t1 - t0, "second_pass_s": t2 - t1, "scoring_s": t3 - t2,
+        "first_pass_share": (t1 - t0) / (t2 - t1),  # paper Table 3: first pass as a share of the second
         "generated_tokens": sum(len(c.tokens) for c in completions), "limit": limit, "seed": seed,
         "command": command,
     }
-    out = out_dir / strategy.replace(":", "-").replace("/", "_") / task_name
-    out.mkdir(parents=True, exist_ok=True)
     with open(out / "responses.jsonl", "w") as f:
-        for p, c, e, v, ch in zip(problems, completions, extracted, verdicts, choice):
-            f.write(json.dumps({"id": p["id"], "expert": ch, "prompt": task.messages(p)[-1]["content"],
+        for p, c, e, v, ch, lab in zip(problems, completions, extracted, verdicts, choice, labels):
+            f.write(json.dumps({"id": p["id"], "expert": ch, "label": lab, "prompt": task.messages(p)[-1]["content"],
                                 "response": c.text, "extracted": e, "gold": p.get("answer"), "correct": v,
                                 "finish": c.finish, "tokens": len(c.tokens)}) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     dist = f"  answers {summary['answer_distribution']}" if summary["answer_distribution"] else ""
+    routed = f"  experts {summary['experts']}" if classified else ""
     print(f"{task_name:14s} {strategy:12s} accuracy {correct / n:6.1%}  {correct}/{n}  95% CI [{lo:.1%}, {hi:.1%}]  "
-          f"no answer {summary['no_answer']}  time {t3 - t0:.0f}s  -> {out}{dist}", flush=True)
+          f"no answer {summary['no_answer']}  first pass {t1 - t0:.0f}s, second {t2 - t1:.0f}s  -> {out}{dist}{routed}",
+          flush=True)
     return summary
 
 
 def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size: int, max_new_tokens: int,
-         workers: int, model: str | None, device: str, dtype: str, threads: int, out: str) -> list[dict]:
+         workers: int, model: str | None, device: str, dtype: str, threads: int, out: str, shots: int,
+         generations: int, population: int, per_layer: bool, classify: str, experts_dir: str) -> list[dict]:
     tasks = list(data.SPLITS) if task == "all" else UNSEEN if task == "unseen" else task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
             raise SystemExit(f"error: unknown task {t!r}; choose from {', '.join(data.SPLITS)}, all or unseen")
         if split not in data.SPLITS[t]:
             raise SystemExit(f"error: task {t!r} has no split {split!r} (it has {', '.join(data.SPLITS[t])})")
+    if strategy == "fewshot" and min(shots, generations, population) < 1:
+        raise SystemExit("error: --shots, --generations and --population must be positive")
+    paths = resolve_experts(experts_needed(strategy), Path(experts_dir))  # fail before loading the model
     if threads:
         torch.set_num_threads(threads)
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -140,8 +223,9 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
         net, tokenizer = load(model, device=device, dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
-    return [evaluate_task(net, tokenizer, t, strategy, split, limit, seed, batch_size, max_new_tokens, workers,
-                          Path(out), command) for t in tasks]
+    loaded = load_experts(net, paths)
+    return [evaluate_task(net, tokenizer, t, strategy, loaded, split, limit, seed, batch_size, max_new_tokens, workers,
+                          Path(out), command, shots, generations, population, per_layer, classify) for t in tasks]
 
 
 if __name__ == "__main__":
@@ -149,13 +233,26 @@ if __name__ == "__main__":
     p.add_argument("--task", default="unseen",
                    help=f"a task ({', '.join(data.SPLITS)}), several joined by commas, 'all', or 'unseen' "
                         f"({', '.join(UNSEEN)}) (default: unseen)")
-    p.add_argument("--strategy", default="base", help="base (z = 1) or expert:NAME (default: base)")
+    p.add_argument("--strategy", default="base",
+                   help="base, prompt, cls, fewshot or expert:NAME (see above) (default: base)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--limit", type=int, default=0, help="a seeded random subset of this many problems (default: 0, all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of everything random (default: 0)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: each task's own budget (default: 0)")
     p.add_argument("--workers", type=int, default=4, help="parallel sandboxes for code tasks (default: 4)")
+    p.add_argument("--experts-dir", default=str(EXPERTS_DIR),
+                   help="where expert NAME is NAME.safetensors (gsm8k, mbpp, arc_easy, cls) (default: experts/)")
+    p.add_argument("--classify", default="likelihood", choices=["likelihood", "generate"],
+                   help="prompt/cls: score the four replies \\boxed{label} by likelihood, or generate one and parse "
+                        "it (default: likelihood)")
+    p.add_argument("--shots", type=int, default=10,
+                   help="fewshot: problems used to fit alpha, then left out (default: 10)")
+    p.add_argument("--generations", type=int, default=10,
+                   help="fewshot: CEM generations; the paper used 50-100, 10 keeps a CPU run short (default: 10)")
+    p.add_argument("--population", type=int, default=32, help="fewshot: CEM samples per generation (default: 32)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="fewshot: one alpha per expert per matrix, as the official code (default: one per expert)")
     p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto, cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: auto, float32 on CPU)")

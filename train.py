@@ -24,7 +24,7 @@ import rl
 import svf
 from checkpoint import load
 
-TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy")
+TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")  # cls: the classification expert of adapt.py
 
 
 def seed_everything(seed: int) -> None:
@@ -58,7 +58,12 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     n_base = sum(p.numel() for p in net.parameters())
     print(f"SVF on '{cfg.targets}': {svf.count_params(svd):,} trainable numbers "
           f"({100 * svf.count_params(svd) / n_base:.3f}% of the base model's {n_base:,})")
-    expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume)
+    extra = {}
+    if cfg.task == "cls":  # the classification expert (paper 3.2 b): questions of the three training tasks
+        import adapt
+        extra = dict(task=adapt.CLS_TASK, train_set=adapt.cls_problems("train", seed=cfg.seed),
+                     val_set=adapt.cls_problems("validation"))
+    expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
     print(f"best validation accuracy {expert.meta.get('val_accuracy', float('nan')):.3f} at step "
           f"{expert.meta.get('step')}: {out_dir / 'best.safetensors'}")
 

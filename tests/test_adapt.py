@@ -1,0 +1,287 @@
+"""adapt.py and eval.py's two passes (paper section 3.2): classification, dispatch, CEM, few-shot mixing."""
+import pytest
+import torch
+
+import adapt
+import data
+import eval as evaluation
+import rl
+import svf
+from model import ModelArgs, Transformer, generate
+
+TINY = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=512)
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;?!'\"()[]{}\\/+-*=<>_\n#"  # 62 symbols: ids 2..63
+
+
+class CharTokenizer:
+    """One id per character, enough for tiny random models: 0 pads, 1 stops, 2.. are CHARS."""
+    pad_id, stop_ids = 0, {1}
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return [2 + CHARS.index(c) if c in CHARS else 2 for c in text.lower()]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(CHARS[i - 2] for i in ids if i >= 2)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.encode("".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>")
+
+
+class EchoTask(data.Task):
+    """A toy task for tiny models: the answer is right when the reply holds the problem's letter."""
+    name, domain, max_new_tokens, stop = "echo", "other", 6, []
+
+    def prompt(self, problem: dict) -> str:
+        return problem["question"]
+
+    def score(self, problem: dict, response: str) -> bool:
+        return problem["answer"] in response
+
+    def reference_response(self, problem: dict) -> str:
+        return f"the answer is {problem['answer']}"
+
+
+def tiny_model(seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(TINY).double().eval().requires_grad_(False)
+    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    return model
+
+
+def random_expert(model, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: 1 + 0.5 * torch.randn(v.shape, generator=g, dtype=v.dtype) for n, v in svf.ones(model).items()}
+
+
+def toy_problems(n: int) -> list[dict]:
+    letters = "abc"
+    return [{"id": f"toy/{i}", "question": f"question {i}: say {letters[i % 3]}", "answer": letters[i % 3]}
+            for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- classification
+@pytest.mark.parametrize("reply, label", [
+    ("\\boxed{math}", "math"), ("\\boxed{code}", "code"), ("\\boxed{reasoning}", "reasoning"),
+    ("\\boxed{other}", "other"), ("Classification: \\boxed{ Reasoning }.", "reasoning"),
+    ("\\boxed{\\text{math}}", "math"), ("I think math. \\boxed{code}", "code"), ("\\boxed{Mathematics}", "math"),
+    ("\\boxed{math", "math"), ("boxed{code}", "code"), ("math", "math"), ("Code.", "code"),
+    ("**Category:** reasoning", "reasoning"),
+])
+def test_parse_label_well_formed(reply, label):
+    assert adapt.parse_label(reply) == label
+
+
+@pytest.mark.parametrize("reply", [
+    "", "\\boxed{}", "\\boxed{42}", "\\boxed{math or code}", "This is a math question about code",
+    "The answer is (B) television", "```python\ndef f(): pass\n```", "\\boxed{biology}",
+])
+def test_parse_label_malformed(reply):
+    assert adapt.parse_label(reply) is None
+
+
+def test_other_and_unparsable_use_the_base_model():
+    assert adapt.dispatch(["math", "code", "reasoning", "other", None]) == ["gsm8k", "mbpp", "arc_easy", "base", "base"]
+    model, tok, task = tiny_model(), CharTokenizer(), EchoTask()
+    problems = toy_problems(3)
+    experts = {"gsm8k": random_expert(model, 1), "base": None}
+    prompts = [tok.encode_chat(task.messages(p)) for p in problems]
+    svf.use_expert(model, svf.ones(model))  # z = 1 explicitly: the reference for "the base model"
+    reference = generate(model, tok, prompts, task.max_new_tokens)
+    svf.use_expert(model, experts["gsm8k"])  # an expert left on by an earlier pass (the official bug)
+    assert [c.tokens for c in generate(model, tok, prompts, task.max_new_tokens)] != [c.tokens for c in reference]
+    outs = evaluation.answer(model, tok, task, problems, experts, adapt.dispatch(["other", None, "other"]), 2, 0)
+    assert [c.tokens for c in outs] == [c.tokens for c in reference]
+    assert all(m.z is None and m.merged is None for m in svf.wrappers(model).values())  # left on the base
+
+
+def test_label_logprobs_equal_a_full_forward_pass():
+    model, tok = tiny_model(), CharTokenizer()
+    svf.use_expert(model, random_expert(model, 2))  # also under an expert
+    prompts = [tok.encode(t) for t in ("a short one", "a much longer prompt than that", "mid length")]
+    replies = [tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS]
+    got = adapt.label_logprobs(model, tok, prompts, replies)
+    for b, p in enumerate(prompts):  # independent: no cache, one row per (prompt, reply), rl.pack's layout
+        tokens, pad, targets, mask = rl.pack([p] * len(replies), replies, tok.pad_id)
+        logp = torch.log_softmax(rl.response_logits(model, tokens, pad, targets.shape[1]), -1)
+        want = (logp.gather(-1, targets[..., None]).squeeze(-1) * mask).sum(1)
+        torch.testing.assert_close(got[b], want)
+    svf.use_expert(model, None)
+
+
+def test_classify_uses_z_then_returns_to_base():
+    model, tok = tiny_model(), CharTokenizer()
+    questions = ["what is 2 + 2?", "write a function", "which gas do plants take in?"]
+    base = adapt.classify(model, tok, questions, batch_size=2)
+    assert all(label in adapt.LABELS for label in base)
+    assert adapt.classify(model, tok, questions[1:2]) == base[1:2]  # batching changes nothing
+    z = random_expert(model, 3)
+    with_z = adapt.classify(model, tok, questions, z=z)
+    svf.use_expert(model, z)
+    prompts = [tok.encode_chat(adapt.classify_messages(q)) for q in questions]
+    replies = [tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS]
+    assert with_z == [adapt.LABELS[i] for i in adapt.label_logprobs(model, tok, prompts, replies).argmax(1)]
+    svf.use_expert(model, None)
+    assert all(m.merged is None for m in svf.wrappers(model).values())
+    generated = adapt.classify(model, tok, questions, method="generate")  # random text: mostly unparsable
+    assert all(label in adapt.LABELS for label in generated)
+
+
+def test_two_pass_equals_each_prompt_alone_with_its_expert():
+    model, tok = tiny_model(), CharTokenizer()
+    task, problems = EchoTask(), toy_problems(7)
+    experts = {"gsm8k": random_expert(model, 4), "mbpp": random_expert(model, 5), "arc_easy": random_expert(model, 6),
+               "base": None}
+    labels = adapt.classify(model, tok, [p["question"] for p in problems])  # a real first pass...
+    choice = adapt.dispatch(labels)[:3] + ["gsm8k", "mbpp", "arc_easy", "base"]  # ...plus every expert for sure
+    outs = evaluation.answer(model, tok, task, problems, experts, choice, batch_size=3, max_new_tokens=0)
+    for p, name, c in zip(problems, choice, outs):
+        svf.use_expert(model, experts[name])
+        [alone] = generate(model, tok, [tok.encode_chat(task.messages(p))], task.max_new_tokens)
+        assert c.tokens == alone.tokens, name
+    svf.use_expert(model, None)
+    base = evaluation.answer(model, tok, task, problems, experts, ["base"] * 7, batch_size=3, max_new_tokens=0)
+    assert [c.tokens for c in base[3:6]] != [c.tokens for c in outs[3:6]]  # the experts do change the answers
+
+
+# ----------------------------------------------------------------------------- mixing
+def test_mixture_of_one_expert_or_identical_experts_is_that_expert():
+    model, tok = tiny_model(), CharTokenizer()
+    a, b = random_expert(model, 7), random_expert(model, 8)
+    tokens = torch.tensor([tok.encode("mixing experts in z space")])
+    svf.use_expert(model, a)
+    want = model(tokens)
+    M = len(a)
+    for experts, alpha in [([a, b], torch.tensor([1.0, 0.0])), ([b, a], torch.tensor([0.0, 1.0])),
+                           ([a, a, a], torch.full((3,), 1 / 3)), ([a, b], torch.tensor([[1.0] * M, [0.0] * M]))]:
+        svf.use_expert(model, svf.mix(experts, alpha.double()))
+        torch.testing.assert_close(model(tokens), want)
+    task, shots = EchoTask(), toy_problems(3)  # and the few-shot objective sees exactly that expert
+    alone = adapt.fewshot_objective(model, tok, task, shots, [a])(torch.tensor([1.0]))
+    assert adapt.fewshot_objective(model, tok, task, shots, [a, b])(torch.tensor([1.0, 0.0])) == pytest.approx(alone)
+    per_layer = torch.cat([torch.ones(M), torch.zeros(M)])
+    assert adapt.fewshot_objective(model, tok, task, shots, [a, b], per_layer=True)(per_layer) == pytest.approx(alone)
+    svf.use_expert(model, None)
+
+
+# ----------------------------------------------------------------------------- CEM
+def test_cem_finds_a_known_optimum_within_the_box():
+    target = torch.tensor([0.2, 0.9, 0.0, 1.0, 0.5], dtype=torch.float64)
+    seen = []
+
+    def objective(alpha):  # a coarse "accuracy" with many ties, and a fine tie-breaker
+        seen.append(alpha.clone())
+        d = (alpha - target).norm().item()
+        return round(1 - d, 1), -d
+
+    best, history = adapt.cem(objective, 5, generations=25, init_mean=1 / 3, seed=0)
+    assert (best - target).abs().max() < 0.05
+    assert len(history) == 25 and len(seen) == 32 + 24 * 33  # the previous best is evaluated again each time
+    assert all(0.0 <= a.min() and a.max() <= 1.0 for a in seen)
+    bests = [tuple(h["best"]) for h in history]
+    assert bests == sorted(bests)  # never worse: the best so far always competes
+    assert {"alpha_mean", "alpha_std", "population_mean"} <= set(history[0])
+
+
+def test_cem_ties_on_accuracy_go_to_the_likelihood_and_accuracy_comes_first():
+    flat, _ = adapt.cem(lambda a: (0.5, -(a - 0.7).abs().sum().item()), 2, generations=20, seed=1)
+    assert (flat - 0.7).abs().max() < 0.05  # accuracy never differs: the tie-breaker alone finds 0.7
+    # accuracy wants alpha_0 > 0.6; the likelihood pulls it to 0: accuracy wins, the likelihood decides within it
+    best, _ = adapt.cem(lambda a: (float(a[0] > 0.6), -a[0].item()), 1, generations=20, seed=2)
+    assert 0.6 < best[0] < 0.65
+
+
+# ----------------------------------------------------------------------------- few-shot
+@pytest.mark.parametrize("task_name, source", [("humaneval", "test"), ("math", "test"), ("arc_challenge", "train"),
+                                               ("gsm8k", "train")])
+def test_shots_never_appear_among_the_scored_problems(task_name, source):
+    problems = data.load(task_name, "test")
+    shots, scored = adapt.pick_shots(task_name, "test", problems, 10, seed=0)
+    assert len(shots) == 10 and len({s["id"] for s in shots}) == 10
+    assert {s["id"] for s in shots} <= {p["id"] for p in data.load(task_name, source)}
+    shot_questions = {adapt.normalise(s["question"]) for s in shots}
+    assert not {s["id"] for s in shots} & {p["id"] for p in scored}
+    assert not shot_questions & {adapt.normalise(p["question"]) for p in scored}
+    if source == "test":
+        assert len(scored) == len(problems) - 10
+    assert adapt.pick_shots(task_name, "test", problems, 10, seed=0)[0] == shots  # seeded
+    scored_subset = evaluation.subset(scored, 50, 0)  # eval.py subsets after removing the shots
+    assert not {s["id"] for s in shots} & {p["id"] for p in scored_subset}
+
+
+def test_fewshot_returns_the_mixture_of_its_best_alpha_and_saves_it(tmp_path):
+    model, tok = tiny_model(), CharTokenizer()
+    experts = {"gsm8k": random_expert(model, 9), "mbpp": random_expert(model, 10)}
+    shots = toy_problems(4)
+    for per_layer in (False, True):
+        z, report = adapt.fewshot(model, tok, EchoTask(), shots, experts, per_layer, generations=2, population=4)
+        alpha = torch.tensor(report["alpha"])
+        assert alpha.shape == ((2, len(z)) if per_layer else (2,)) and 0 <= alpha.min() and alpha.max() <= 1
+        for n, v in svf.mix(list(experts.values()), alpha).items():
+            torch.testing.assert_close(z[n], v)
+        assert report["experts"] == ["gsm8k", "mbpp"] and report["shots"] == [s["id"] for s in shots]
+        assert len(report["history"]) == 2
+    saved = adapt.save_adapted(tmp_path / "fewshot.safetensors", model, z, report)
+    loaded = svf.Expert.load(tmp_path / "fewshot.safetensors", model)
+    assert loaded.meta["targets"] == "mlp" and loaded.meta["fewshot"]["experts"] == ["gsm8k", "mbpp"]
+    for n in z:
+        torch.testing.assert_close(loaded.z[n].double(), saved.z[n].float().double())
+
+
+# ----------------------------------------------------------------------------- the classification expert's data
+def test_cls_training_data_holds_no_evaluation_question():
+    held_out_ids, held_out_questions = set(), set()
+    for task, splits in data.SPLITS.items():
+        for split in splits:
+            if split == "test" or task == "arc_challenge":
+                for p in data.load(task, split):
+                    held_out_ids.add(p["id"])
+                    held_out_questions.add(" ".join(p["question"].split()).lower())
+    for split in ("train", "validation"):
+        problems = adapt.cls_problems(split)
+        sources = {p["id"]: p for name in adapt.LABEL_TO_EXPERT.values() for p in data.load(name, split)}
+        for p in problems:
+            source = sources[p["source_id"]]  # from this split of a training task, and nowhere else
+            assert p["source_id"] not in held_out_ids
+            assert " ".join(source["question"].split()).lower() not in held_out_questions
+            assert source["question"].strip() in p["question"]  # the task's prompt holds the question
+            assert p["answer"] == data.TASKS[p["source"]].domain
+        counts = {label: sum(p["answer"] == label for p in problems) for label in ("math", "code", "reasoning")}
+        assert len(set(counts.values())) == 1, counts  # balanced
+    with pytest.raises(ValueError, match="train and validation"):
+        adapt.cls_problems("test")
+
+
+def test_cls_task_rewards_the_right_label():
+    p = adapt.cls_problems("validation")[0]
+    task = adapt.CLS_TASK
+    assert task.score(p, task.reference_response(p))
+    assert not task.score(p, "\\boxed{other}") and not task.score(p, "no idea")
+    assert task.messages(p)[0]["content"] == adapt.CLASSIFY_SYSTEM and task.messages(p)[-1]["content"] == p["question"]
+
+
+def test_cls_task_runs_in_the_reinforce_trainer():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**{**TINY.__dict__, "max_seq_len": 2048})).double().eval().requires_grad_(False)
+    svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
+    problems = adapt.cls_problems("validation")[:2]
+    cfg = rl.TrainConfig(task="cls", batch_size=2, samples=2, micro_batch=4)
+    z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
+    opt = torch.optim.AdamW(z.values(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    stats = rl.train_step(model, CharTokenizer(), adapt.CLS_TASK, problems, z, opt, cfg, gen)
+    assert 0 <= stats["accuracy"] <= 1 and stats["tokens"] <= 4 * adapt.CLS_TASK.max_new_tokens
+    assert 0 <= rl.validate(model, CharTokenizer(), adapt.CLS_TASK, problems, z, batch=2) <= 1
+
+
+@pytest.mark.real
+def test_label_logprobs_on_the_real_model_equal_a_full_forward_pass(real):
+    model, tok = real
+    questions = [data.TASKS[t].messages(data.load(t, "validation")[0])[-1]["content"] for t in ("gsm8k", "mbpp")]
+    prompts = [tok.encode_chat(adapt.classify_messages(q)) for q in questions]
+    replies = [tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS]
+    got = adapt.label_logprobs(model, tok, prompts, replies)
+    for b, p in enumerate(prompts):
+        tokens, pad, targets, mask = rl.pack([p] * len(replies), replies, tok.pad_id)
+        logp = torch.log_softmax(rl.response_logits(model, tokens, pad, targets.shape[1]), -1)
+        want = (logp.gather(-1, targets[..., None]).squeeze(-1) * mask).sum(1)
+        torch.testing.assert_close(got[b], want, atol=1e-3, rtol=0)
