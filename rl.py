@@ -42,6 +42,7 @@ class TrainConfig:
     cosine: bool = False           # cosine-decay the learning rate to 0 over `steps`
     kl_coef: float = 0.1           # lambda; the paper picks from {0, 0.1, 0.2, 0.3}
     baseline: str = "loo"          # none (paper), mean (group mean) or loo (leave-one-out, RLOO)
+    rollout: str = "generate"      # generate (the paper) or options: multiple choice, act by option likelihood
     clip: float = 1.0              # gradient-norm clipping
     micro_batch: int = 8           # sequences per forward/backward (gradient accumulation)
     gen_batch: int = 32            # sequences per generation batch
@@ -163,6 +164,82 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
             "t_score": t2 - t1, "t_backward": t3 - t2, "t_step": time.perf_counter() - t0}
 
 
+# ----------------------------------------------------------------------------- multiple-choice variant
+# For tasks whose answer is one of a few options (ARC, the classification expert), the action can
+# be the option itself: pi_z(a|x) = softmax_a(log p_z(reply_a|x) / T), with reply_a the task's
+# response for option a. Free generation lets a small model collapse onto a format it can't
+# leave (PAPER.md section 6); here every sample is a well-formed answer, the gradient of
+# log pi_z(a|x) is exact, and so is the KL between the two option distributions.
+
+def option_logits(model: Transformer, prompts, replies, pad_id: int, temperature: float) -> torch.Tensor:
+    """log p(reply | prompt) / T for each (prompt, reply) pair: (N,), differentiable in z."""
+    tokens, pad, targets, mask = pack(prompts, replies, pad_id)
+    logits = response_logits(model, tokens, pad, targets.shape[1])
+    dev = logits.device
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None]).squeeze(-1)
+    return (logp * mask.to(dev)).sum(1) / temperature
+
+
+def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[int]]]:
+    """The prompt's tokens and the tokens of each option's response."""
+    return tokenizer.encode_chat(task.messages(problem)), [tokenizer.encode(r) for r in task.option_responses(problem)]
+
+
+def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator) -> dict:
+    """One step of the multiple-choice variant: per problem one forward over all its options,
+    cfg.samples actions sampled from pi_z, loss -A log pi_z(a|x) + lambda KL(pi_z || pi_base)."""
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    rewards_all, kls, parts = [], [], {"pg": 0.0, "kl": 0.0}
+    T = max(cfg.temperature, 1e-3)
+    per_micro = max(1, cfg.micro_batch // len(task.option_responses(problems[0])))  # problems per micro-batch
+    for i in range(0, len(problems), per_micro):
+        group = problems[i:i + per_micro]
+        pairs = [option_policy(tokenizer, task, p) for p in group]
+        prompts = [pr for pr, replies in pairs for _ in replies]
+        replies = [r for _, rs in pairs for r in rs]
+        sizes = [len(rs) for _, rs in pairs]
+        with torch.no_grad():
+            svf.train_z(model, None)
+            base = option_logits(model, prompts, replies, tokenizer.pad_id, T).split(sizes)
+        svf.train_z(model, z)
+        logits = option_logits(model, prompts, replies, tokenizer.pad_id, T).split(sizes)
+        loss = 0.0
+        for p, lz, lb in zip(group, logits, base):
+            logpi = torch.log_softmax(lz, -1)
+            actions = torch.multinomial(logpi.detach().exp(), cfg.samples, replacement=True, generator=generator)
+            responses = task.option_responses(p)
+            r = torch.tensor([task.score(p, responses[a]) for a in actions.tolist()], dtype=torch.float32) * 2 - 1
+            adv = advantages(r[None], cfg.baseline)[0].to(logpi.device)                    # (samples,)
+            kl = (logpi.exp() * (logpi - torch.log_softmax(lb, -1))).sum()
+            pg = -(adv * logpi[actions]).sum() / (len(problems) * cfg.samples)
+            loss = loss + pg + cfg.kl_coef * kl / len(problems)
+            parts["pg"] += pg.item()
+            parts["kl"] += kl.item() / len(problems)
+            rewards_all.append(r)
+        loss.backward()
+    svf.train_z(model, None)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item()
+    opt.step()
+    rewards = torch.stack(rewards_all)
+    return {"reward": rewards.mean().item(), "accuracy": (rewards > 0).float().mean().item(), **parts,
+            "grad_norm": grad_norm, "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
+            "agree_share": (rewards.std(1) == 0).float().mean().item(), "t_step": time.perf_counter() - t0}
+
+
+def option_accuracy(model, tokenizer, task, problems, z) -> float:
+    """Validation of the variant: the option with the highest likelihood under z is the answer."""
+    svf.use_expert(model, None if z is None else {n: v.detach() for n, v in z.items()})
+    hits = 0
+    with torch.no_grad():
+        for p in problems:
+            prompt, replies = option_policy(tokenizer, task, p)
+            best = int(option_logits(model, [prompt] * len(replies), replies, tokenizer.pad_id, 1.0).argmax())
+            hits += task.score(p, task.option_responses(p)[best])
+    svf.use_expert(model, None)
+    return hits / len(problems)
+
+
 def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     """Indices of the problems of a step: a seeded permutation per epoch, so no state is needed to resume."""
     per_epoch = max(n // batch_size, 1)
@@ -231,8 +308,15 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
                      "gen": gen.get_state(), "step": step, "best": best}, state_path)
         svf.Expert({n: v.detach() for n, v in z.items()}, {**meta, "step": step}).save(out / "last.safetensors")
 
+    if cfg.rollout not in ("generate", "options"):
+        raise ValueError(f"unknown rollout {cfg.rollout!r}: choose generate or options")
+    if cfg.rollout == "options" and not hasattr(task, "option_responses"):
+        raise ValueError(f"task {cfg.task!r} has no options: --rollout options is for multiple-choice tasks")
+    step_fn = train_step if cfg.rollout == "generate" else option_step
+    val_fn = (lambda m, t, k, ps, z: validate(m, t, k, ps, z, cfg.gen_batch)) if cfg.rollout == "generate" \
+        else option_accuracy
     if start == 0 and cfg.eval_every:
-        best = validate(model, tokenizer, task, val_set, None, cfg.gen_batch)
+        best = val_fn(model, tokenizer, task, val_set, None)
         log(f"step 0 (base model): validation accuracy {best:.3f} on {len(val_set)} problems")
         svf.Expert(svf.ones(model), {**meta, "step": 0, "val_accuracy": best}).save(out / "best.safetensors")
     stop = {"asked": False}
@@ -248,11 +332,11 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.task}")
         for step in bar:
             problems = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.batch_size, cfg.seed)]
-            stats = train_step(model, tokenizer, task, problems, z, opt, cfg, gen)
+            stats = step_fn(model, tokenizer, task, problems, z, opt, cfg, gen)
             sched.step()
             record = {"step": step + 1, "lr": sched.get_last_lr()[0], **stats}
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                record["val_accuracy"] = validate(model, tokenizer, task, val_set, z, cfg.gen_batch)
+                record["val_accuracy"] = val_fn(model, tokenizer, task, val_set, z)
                 if record["val_accuracy"] > best:
                     best = record["val_accuracy"]
                     svf.Expert({n: v.detach() for n, v in z.items()},

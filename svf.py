@@ -179,7 +179,8 @@ def train_z(model: nn.Module, z: dict[str, torch.Tensor] | None) -> None:
     if z is not None:
         check_z(model, z)
     for n, m in wrappers(model).items():
-        m.z, m.merged = (None if z is None else z[n]), None
+        # a view, not the Parameter itself: nn.Module would register a Parameter as the model's own
+        m.z, m.merged = (None if z is None else z[n].view_as(z[n])), None
 
 
 def check_z(model: nn.Module, z: dict[str, torch.Tensor]) -> None:

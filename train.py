@@ -37,6 +37,8 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     cfg = rl.TrainConfig(**kwargs)
     if cfg.task not in TRAIN_TASKS:
         raise SystemExit(f"error: unknown training task {cfg.task!r}; choose one of {', '.join(TRAIN_TASKS)}")
+    if cfg.rollout == "options" and cfg.task not in ("arc_easy", "cls"):
+        raise SystemExit(f"error: --rollout options needs a multiple-choice task (arc_easy, cls), not {cfg.task!r}")
     if cfg.baseline == "loo" and cfg.samples < 2:
         raise SystemExit("error: --baseline loo needs --samples 2 or more")
     if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.gen_batch) < 1:
@@ -85,6 +87,9 @@ if __name__ == "__main__":
     p.add_argument("--kl-coef", type=float, default=defaults["kl_coef"], help="lambda of the KL(pi_z || pi_base) penalty")
     p.add_argument("--baseline", default=defaults["baseline"], choices=["none", "mean", "loo"],
                    help="subtracted from the reward: none (paper), group mean, or leave-one-out mean")
+    p.add_argument("--rollout", default=defaults["rollout"], choices=["generate", "options"],
+                   help="generate: sample free responses (the paper); options: multiple-choice tasks (arc_easy, cls) "
+                        "act by sampling one option from the softmax of the options' log-likelihoods")
     p.add_argument("--clip", type=float, default=defaults["clip"], help="gradient-norm clipping")
     p.add_argument("--micro-batch", type=int, default=defaults["micro_batch"], help="sequences per backward pass")
     p.add_argument("--gen-batch", type=int, default=defaults["gen_batch"], help="sequences per generation batch")

@@ -255,3 +255,40 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     b = svf.Expert.load(tmp_path / "b" / "last.safetensors")
     assert all(torch.equal(a.z[n], b.z[n]) for n in a.z)
     assert any((v - 1).abs().max() > 1e-4 for v in a.z.values())
+
+
+class ToyChoiceTask(ToyTask):
+    """Multiple choice among three two-letter replies: the last one is always right."""
+    def option_responses(self, p):
+        return ["ab", "cd", "ef"]
+
+    def score(self, p, response):
+        return response == "ef"
+
+
+def test_option_rollout_learns_the_rewarded_option(tmp_path, monkeypatch):
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    model, tok, task = tiny_model(torch.float32), ToyTokenizer(), ToyChoiceTask()
+    tok.encode = lambda text: [3 + ord(c) % 60 for c in text]
+    svf.attach(model, svf.decompose(model, "mlp"))
+    z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
+    opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
+    cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.0, baseline="loo", micro_batch=6)
+    problems = toy_problems(4, 0)
+    before = rl.option_accuracy(model, tok, task, problems, None)
+    p_right = lambda: torch.softmax(torch.stack([rl.option_logits(model, *zip(*[(tok.encode_chat(task.messages(p)), r)
+                                     for r in [tok.encode(o) for o in task.option_responses(p)]]), 0, 1.0)
+                                     for p in problems]), -1)[:, 2].mean().item()
+    svf.train_z(model, None)
+    with torch.no_grad():
+        start = p_right()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        stats = rl.option_step(model, tok, task, problems, z, opt, cfg, g)
+    svf.train_z(model, {n: v.detach() for n, v in z.items()})
+    with torch.no_grad():
+        end = p_right()
+    svf.train_z(model, None)
+    assert end > start + 0.05, (start, end)
+    assert rl.option_accuracy(model, tok, task, problems, z) >= before
+    assert set(stats) >= {"reward", "accuracy", "kl", "grad_norm"}
