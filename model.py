@@ -48,19 +48,24 @@ class ModelArgs:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with the few-row products of token-by-token decoding computed as W @ x^T.
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T + b, with the few-row products of token-by-token decoding computed as w @ x^T.
 
-    Same numbers, different kernel: on CPU, MKL's matrix-vector path for x @ W^T with a
-    handful of rows runs 1.5-3x slower than for W @ x^T (measured in bench.py's notes).
+    Same numbers, different kernel: on CPU (MKL), x @ w^T with 2-32 rows runs 1.4-2.2x slower
+    than w @ x^T (bench.py). The result is made contiguous again so attention keeps its fast path.
     """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows == 1 or rows > 32 or torch.is_grad_enabled() and x.requires_grad:
+        return F.linear(x, w, b)
+    y = (w @ x.reshape(rows, -1).t()).t().contiguous().reshape(*x.shape[:-1], -1)  # (..., out)
+    return y if b is None else y + b
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by linear() above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or rows > 32 or torch.is_grad_enabled() and x.requires_grad:
-            return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1)  # (rows, out)
-        return y if self.bias is None else y + self.bias
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

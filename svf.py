@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
+
+from model import linear
 
 TARGETS = {  # which matrices of each block SVF adapts; never embeddings, output head or norms
     "mlp": ("mlp.gate", "mlp.up", "mlp.down"),
@@ -127,7 +128,7 @@ class SVFLinear(nn.Module):
             w = compose(self.svd, self.z).to(x.dtype)
         else:
             w = self.base.weight
-        return F.linear(x, w, self.base.bias)
+        return linear(x, w, self.base.bias)
 
 
 def attach(model: nn.Module, svd: dict[str, SVD]) -> None:
