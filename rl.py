@@ -190,7 +190,7 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
     cfg.samples actions sampled from pi_z, loss -A log pi_z(a|x) + lambda KL(pi_z || pi_base)."""
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    rewards_all, kls, parts = [], [], {"pg": 0.0, "kl": 0.0}
+    rewards_all, parts = [], {"pg": 0.0, "kl": 0.0}
     T = max(cfg.temperature, 1e-3)
     per_micro = max(1, cfg.micro_batch // len(task.option_responses(problems[0])))  # problems per micro-batch
     for i in range(0, len(problems), per_micro):

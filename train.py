@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data
 import rl
 import svf
 from checkpoint import load
