@@ -18,8 +18,8 @@ How the first pass reads the label. The paper lets the model write "\\boxed{cate
 parses it (parse_label, kept for method="generate"). SmolLM2-135M never did in our check (it
 answers the question instead), so by default classify() scores the four possible replies
 "\\boxed{code}", ... "\\boxed{other}" by their log-likelihood and takes the most likely one
-(label_logprobs): one prefill of the prompt plus one forward pass over the short replies, and
-never an unparsable answer.
+(model.reply_logprobs: one forward pass in which the prompt is computed once and the four
+replies branch off it), and never an unparsable answer.
 Training the classification expert raises the probability of the right reply "\\boxed{math}",
 which is exactly what this reading compares (see Classification for the rollouts it needs).
 
@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 import rl
 import svf
-from model import Transformer, generate, left_pad
+from model import Transformer, generate, reply_logprobs
 
 # ----------------------------------------------------------------------------- first pass: classify
 LABELS = ("code", "math", "reasoning", "other")
@@ -76,30 +76,6 @@ def parse_label(text: str) -> str | None:
 
 
 @torch.inference_mode()
-def label_logprobs(model: Transformer, tokenizer, prompts: list[list[int]],
-                   replies: list[list[int]]) -> torch.Tensor:
-    """log p(reply | prompt) for every prompt and every reply: (B, L).
-
-    The prompts are prefilled once; the KV cache is then copied L times and the L replies
-    (right-padded to R tokens) are scored in one forward pass over (B * L, R) tokens.
-    """
-    dev = model.tok_embeddings.weight.device
-    tokens, pad = left_pad(prompts, tokenizer.pad_id, dev)
-    (B, T), L, R = tokens.shape, len(replies), max(len(r) for r in replies)
-    pad = None if bool((pad == 0).all()) else pad
-    cache = model.new_cache(B, T + R)
-    first = model(tokens, pad, cache, 0, last=1)[:, -1]                        # (B, vocab): predicts token 0
-    rows = torch.arange(B, device=dev).repeat_interleave(L)                   # prompt b, reply l -> row b*L+l
-    for layer_cache in cache:
-        layer_cache.keep_rows(rows)                                           # (B*L, n_kv, T+R, hd)
-    cont = torch.tensor([r + [tokenizer.pad_id] * (R - len(r)) for r in replies], device=dev).repeat(B, 1)
-    rest = model(cont, None if pad is None else pad[rows], cache, T)          # (B*L, R, vocab)
-    logits = torch.cat([first[rows, None], rest[:, :-1]], dim=1)              # position j predicts cont[:, j]
-    logp = torch.log_softmax(logits, -1).gather(-1, cont[..., None]).squeeze(-1)  # (B*L, R)
-    real = torch.tensor([[j < len(r) for j in range(R)] for r in replies], device=dev).repeat(B, 1)
-    return (logp * real).sum(1).view(B, L)
-
-
 def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None, batch_size: int = 16,
              method: str = "likelihood") -> list[str]:
     """A label from LABELS for every question, read by the base model (z None) or by expert z.
@@ -116,7 +92,8 @@ def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None
             idx = order[i:i + batch_size]
             batch = [prompts[j] for j in idx]
             if method == "likelihood":
-                best = label_logprobs(model, tokenizer, batch, replies).argmax(1).tolist()
+                logp = torch.stack(reply_logprobs(model, batch, [replies] * len(batch), tokenizer.pad_id))
+                best = logp.argmax(1).tolist()
                 found = [LABELS[k] for k in best]
             elif method == "generate":
                 outs = generate(model, tokenizer, batch, CLS_TASK.max_new_tokens)

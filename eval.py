@@ -6,6 +6,7 @@
     python eval.py --strategy prompt                                # the unseen tasks, the base model picks the expert
     python eval.py --strategy cls                                   # ... the classification expert picks it
     python eval.py --strategy fewshot                               # ... CEM mixes the experts on 10 shots
+    python eval.py --task gsm8k --adapter gsm8k                     # the LoRA baseline (adapters/gsm8k.safetensors)
 
 Strategies (paper section 3.2, see adapt.py). A first pass decides the expert of each problem,
 a second pass answers, grouped by expert:
@@ -16,6 +17,8 @@ a second pass answers, grouped by expert:
     cls             the same, read by the classification expert experts/cls.safetensors
     fewshot         z' = sum_k alpha_k z_k over the three experts, alpha searched by CEM on
                     --shots problems of the task (then left out of the scored problems)
+--adapter NAME evaluates a LoRA adapter (adapters/NAME.safetensors or a path) like an expert:
+every problem is answered with it; results go to --out/adapter-NAME/<task>/.
 
 For each task: batched generation (a progress bar), scoring, and a one-line summary with
 accuracy, correct/total, a 95% Wilson interval and the time. Every prompt, response,
@@ -40,12 +43,14 @@ import torch
 
 import adapt
 import data
+import lora
 import svf
 from checkpoint import load
 from model import generate_all
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # the LoRA baselines shipped with the repo
 DOMAIN_EXPERTS = list(adapt.LABEL_TO_EXPERT.values())     # gsm8k (math), mbpp (code), arc_easy (reasoning)
 
 
@@ -114,13 +119,17 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
     completions = [None] * len(problems)
     for name in sorted(set(choice)):
         idx = [i for i, c in enumerate(choice) if c == name]
-        svf.use_expert(model, experts[name], key=name)
+        if name.startswith("adapter:"):
+            lora.use_adapter(model, experts[name])
+        else:
+            svf.use_expert(model, experts[name], key=name)
         prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
         outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]",
                             max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
         for i, c in zip(idx, outs):
             completions[i] = c
     svf.use_expert(model, None)
+    lora.use_adapter(model, None)
     return completions
 
 
@@ -135,6 +144,8 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
     if strategy.startswith("expert:"):
         name = strategy.split(":", 1)[1]
         return [name] * len(problems), {name: loaded[name]}, labels
+    if strategy.startswith("adapter:"):
+        return [strategy] * len(problems), {strategy: loaded[strategy]}, labels
     if strategy in ("prompt", "cls"):
         questions = [task.messages(p)[-1]["content"] for p in problems]  # what the second pass's user says
         labels = adapt.classify(model, tokenizer, questions, loaded["cls"] if strategy == "cls" else None,
@@ -203,9 +214,19 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     return summary
 
 
+def load_adapter(model, name: str) -> dict:
+    """A LoRA adapter's A/B tensors (adapters/NAME.safetensors or a path), attached to the model."""
+    path = Path(name) if name.endswith(".safetensors") else ADAPTERS_DIR / f"{name}.safetensors"
+    try:
+        return lora.Adapter.load(path, model).params
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e} (train one: python train.py --task TASK --method lora)")
+
+
 def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size: int, max_new_tokens: int,
          workers: int, model: str | None, device: str, dtype: str, threads: int, out: str, shots: int,
-         generations: int, population: int, per_layer: bool, classify: str, experts_dir: str) -> list[dict]:
+         generations: int, population: int, per_layer: bool, classify: str, experts_dir: str,
+         adapter: str | None) -> list[dict]:
     tasks = list(data.SPLITS) if task == "all" else UNSEEN if task == "unseen" else task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
@@ -214,6 +235,11 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
             raise SystemExit(f"error: task {t!r} has no split {split!r} (it has {', '.join(data.SPLITS[t])})")
     if strategy == "fewshot" and min(shots, generations, population) < 1:
         raise SystemExit("error: --shots, --generations and --population must be positive")
+    if adapter and strategy != "base":
+        raise SystemExit("error: --adapter evaluates a LoRA adapter on its own; it goes with --strategy base only")
+    if adapter and not adapter.endswith(".safetensors") and not (ADAPTERS_DIR / f"{adapter}.safetensors").exists():
+        raise SystemExit(f"error: no adapter {ADAPTERS_DIR / (adapter + '.safetensors')} (train one: "
+                         "python train.py --task TASK --method lora)")
     paths = resolve_experts(experts_needed(strategy), Path(experts_dir))  # fail before loading the model
     if threads:
         torch.set_num_threads(threads)
@@ -224,6 +250,9 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     loaded = load_experts(net, paths)
+    if adapter:
+        strategy = f"adapter:{adapter}"
+        loaded[strategy] = load_adapter(net, adapter)
     return [evaluate_task(net, tokenizer, t, strategy, loaded, split, limit, seed, batch_size, max_new_tokens, workers,
                           Path(out), command, shots, generations, population, per_layer, classify) for t in tasks]
 
@@ -246,6 +275,8 @@ if __name__ == "__main__":
     p.add_argument("--classify", default="likelihood", choices=["likelihood", "generate"],
                    help="prompt/cls: score the four replies \\boxed{label} by likelihood, or generate one and parse "
                         "it (default: likelihood)")
+    p.add_argument("--adapter", default=None,
+                   help="evaluate a LoRA adapter: NAME (adapters/NAME.safetensors) or a .safetensors path (default: none)")
     p.add_argument("--shots", type=int, default=10,
                    help="fewshot: problems used to fit alpha, then left out (default: 10)")
     p.add_argument("--generations", type=int, default=10,

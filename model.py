@@ -232,18 +232,27 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.args.max_seq_len}")
         slots = torch.arange(start, start + T, device=tokens.device)
         positions = slots.expand(B, T) if pad is None else (slots - pad[:, None]).clamp(min=0)
-        cos = self.rope_cos[positions].unsqueeze(1).to(self.norm.weight.dtype)  # (B, 1, T, hd)
-        sin = self.rope_sin[positions].unsqueeze(1).to(self.norm.weight.dtype)
         window = self.args.sliding_window
         needs_mask = pad is not None or (start > 0 and T > 1) or window is not None
         mask = attention_mask(slots, pad, window) if needs_mask else None
+        x = self.hidden(tokens, positions, mask, cache, start)
+        return self.head(x if last is None else x[:, -last:])
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+               cache: list[KVCache] | None = None, start: int = 0) -> torch.Tensor:
+        """The blocks: hidden states (B, T, dim) of tokens at the given position ids, attending
+        where mask (B or 1, 1, T, S) is True (None: plain causal)."""
+        cos = self.rope_cos[positions].unsqueeze(1).to(self.norm.weight.dtype)  # (B, 1, T, hd)
+        sin = self.rope_sin[positions].unsqueeze(1).to(self.norm.weight.dtype)
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], start)
-        if last is not None:
-            x = x[:, -last:]
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output layer: logits in float32 (or 64) for the softmax."""
         logits = self.output(self.norm(x))
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 (or 64) for softmax
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | None) -> torch.Tensor:
@@ -260,6 +269,47 @@ def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | 
         real = keys[None, :] >= pad[:, None]                       # (B, S): key is not padding
         mask = (mask & real[:, None, None, :]) | (k == q)[None, None]
     return mask
+
+
+# ----------------------------------------------------------------------------- scoring replies
+def reply_logprobs(model: Transformer, prompts: list[list[int]], replies: list[list[list[int]]],
+                   pad_id: int) -> list[torch.Tensor]:
+    """log p(reply | prompt) of every reply of every prompt: one (L_b,) tensor per prompt b.
+
+    One forward pass, differentiable (the trainer's multiple-choice policy uses it). Each prompt
+    and its replies are packed into one row, [prompt, reply_1, ..., reply_L]: every reply sits at
+    the position ids right after the prompt and attends to the prompt and to itself only (a
+    tree-shaped mask), so the prompt is computed once rather than once per reply.
+    """
+    dev = model.tok_embeddings.weight.device
+    rows, pos, seg, picks = [], [], [], []          # picks: (row, index that predicts, target, reply number)
+    n_reply = 0
+    for b, (p, rs) in enumerate(zip(prompts, replies)):
+        toks, ps, sg = list(p), list(range(len(p))), [0] * len(p)
+        for j, r in enumerate(rs, 1):
+            for t, tok in enumerate(r):
+                picks.append((b, len(p) - 1 if t == 0 else len(toks) - 1, tok, n_reply))
+                toks.append(tok)
+                ps.append(len(p) + t)
+                sg.append(j)
+            n_reply += 1
+        rows.append(toks)
+        pos.append(ps)
+        seg.append(sg)
+    T = max(len(r) for r in rows)
+    fill = lambda xs, v: torch.tensor([x + [v] * (T - len(x)) for x in xs], device=dev)
+    tokens, positions, segment = fill(rows, pad_id), fill(pos, 0), fill(seg, -1)   # right padding: segment -1
+    i = torch.arange(T, device=dev)
+    sq, sk = segment[:, :, None], segment[:, None, :]                            # (B, T, 1), (B, 1, T)
+    mask = (i[None, :, None] >= i[None, None, :]) & (sk >= 0) & ((sk == 0) | (sk == sq))
+    if model.args.sliding_window:
+        mask &= positions[:, :, None] - positions[:, None, :] < model.args.sliding_window
+    mask |= torch.eye(T, dtype=torch.bool, device=dev)                          # padding sees itself
+    h = model.hidden(tokens, positions, mask[:, None])                          # (B, T, dim)
+    b, at, target, reply = (torch.tensor(c, device=dev) for c in zip(*picks))
+    logp = torch.log_softmax(model.head(h[b, at]), -1).gather(-1, target[:, None]).squeeze(-1)
+    sums = torch.zeros(n_reply, dtype=logp.dtype, device=dev).index_add(0, reply, logp)
+    return list(sums.split([len(rs) for rs in replies]))
 
 
 # ----------------------------------------------------------------------------- generation

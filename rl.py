@@ -11,6 +11,10 @@ The KL is exact: both models' full next-token distributions on every response to
 One step (train_step): rollout -> score -> advantages -> log-probs and KL with
 gradients in z -> AdamW. train() adds validation, best-expert selection, logging and
 an exactly resumable checkpoint.
+
+The same loop trains the paper's baseline for comparison: a LoRA adapter (lora.py) instead of z
+(--method lora), by next-token prediction on the reference responses (sft_step, --objective sft,
+the paper's baseline) or by the same REINFORCE objective.
 """
 from __future__ import annotations
 
@@ -24,14 +28,22 @@ from pathlib import Path
 import torch
 
 import data
+import lora
 import svf
-from model import Transformer, generate_all, left_pad
+from model import Transformer, generate_all, left_pad, reply_logprobs
 
 
 @dataclass
 class TrainConfig:
     task: str = "gsm8k"
-    targets: str = "mlp"           # which matrices get a z: mlp, attn or all
+    method: str = "svf"            # svf (the paper's experts) or lora (the baseline it compares against)
+    objective: str = "reinforce"   # reinforce (+ KL; the paper's SVF training) or sft (next-token prediction
+                                   # on the task's reference responses; the paper's LoRA training)
+    targets: str = "mlp"           # svf: which matrices get a z: mlp, attn or all
+    lora_rank: int = 16            # lora: the paper's baseline is rank 16, alpha 32, dropout 0.05 on q and v
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "qv"
     steps: int = 100               # optimiser steps
     batch_size: int = 8            # prompts per step
     samples: int = 4               # responses sampled per prompt
@@ -43,12 +55,44 @@ class TrainConfig:
     kl_coef: float = 0.1           # lambda; the paper picks from {0, 0.1, 0.2, 0.3}
     baseline: str = "loo"          # none (paper), mean (group mean) or loo (leave-one-out, RLOO)
     rollout: str = "generate"      # generate (the paper) or options: multiple choice, act by option likelihood
+    validation: str = "generate"   # generate: greedy answers, as eval.py reads them; options: the likeliest option
     clip: float = 1.0              # gradient-norm clipping
     micro_batch: int = 8           # sequences per forward/backward (gradient accumulation)
     gen_batch: int = 32            # sequences per generation batch
     eval_every: int = 10           # validate every N steps (and at the end)
     val_limit: int = 100           # validation problems (0: all)
     seed: int = 0
+
+
+# ----------------------------------------------------------------------------- the adapted weights
+# The trainer adapts the model in one of two modes: training (the adapted weights are recomputed in
+# every forward pass, so gradients reach the trainable tensors) and answering (composed once, no
+# gradients). The tensors say which method they belong to: SVF's are one z per matrix (svf.py),
+# LoRA's are A/B pairs (lora.py). None is the base model.
+
+def is_lora(params: dict | None) -> bool:
+    return params is not None and next(iter(params)).endswith((".A", ".B"))
+
+
+def train_mode(model: Transformer, params: dict | None, generator: torch.Generator | None = None) -> None:
+    """Differentiable forward passes with params; LoRA's dropout draws its masks from generator."""
+    if params is None:
+        svf.train_z(model, None)
+        lora.train_ab(model, None)
+    elif is_lora(params):
+        lora.train_ab(model, params, generator)
+    else:
+        svf.train_z(model, params)
+
+
+def answer_mode(model: Transformer, params: dict | None) -> None:
+    """Answer (generate, validate) with params, composed once and without gradients."""
+    if params is None:
+        svf.use_expert(model, None)
+        lora.use_adapter(model, None)
+        return
+    detached = {n: v.detach() for n, v in params.items()}
+    (lora.use_adapter if is_lora(params) else svf.use_expert)(model, detached)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -96,7 +140,7 @@ def exact_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
 
 
 def reinforce_loss(model: Transformer, z: dict, tokens, pad, targets, mask, adv: torch.Tensor,
-                   kl_coef: float, n_total: int) -> tuple[torch.Tensor, dict]:
+                   kl_coef: float, n_total: int, generator=None) -> tuple[torch.Tensor, dict]:
     """-sum_i A_i * log pi_z(y_i|x_i) / N  +  lambda * (mean KL per response token) for one micro-batch.
 
     The sequence log-prob is the sum over its tokens (the plain REINFORCE estimator). Dividing by
@@ -107,10 +151,10 @@ def reinforce_loss(model: Transformer, z: dict, tokens, pad, targets, mask, adv:
     R = targets.shape[1]
     kl = torch.zeros((), device=dev)
     if kl_coef:
-        svf.train_z(model, None)  # the base model pi_base: z = 1, no gradients
+        train_mode(model, None)  # the base model pi_base: z = 1, no gradients
         with torch.no_grad():
             base_logits = response_logits(model, tokens, pad, R)
-    svf.train_z(model, z)
+    train_mode(model, z, generator)
     logits = response_logits(model, tokens, pad, R)
     token_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
     pg = -(adv * token_logp.sum(1)).sum() / n_total
@@ -123,12 +167,12 @@ def reinforce_loss(model: Transformer, z: dict, tokens, pad, targets, mask, adv:
 # ----------------------------------------------------------------------------- one step
 def rollout(model, tokenizer, task, problems, cfg: TrainConfig, z, generator):
     """Sample cfg.samples responses per problem with the current expert (composed once, no grad)."""
-    svf.use_expert(model, {n: v.detach() for n, v in z.items()})
+    answer_mode(model, z)
     prompts = [tokenizer.encode_chat(task.messages(p)) for p in problems for _ in range(cfg.samples)]
     comps = generate_all(model, tokenizer, prompts, cfg.gen_batch, desc="rollout",
                          max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, temperature=cfg.temperature,
                          top_p=cfg.top_p, stop_strings=tuple(task.stop), generator=generator)
-    svf.use_expert(model, None)
+    answer_mode(model, None)
     return prompts, comps
 
 
@@ -147,10 +191,10 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     for i in range(0, len(keep), cfg.micro_batch):
         idx = keep[i:i + cfg.micro_batch]
         tokens, pad, targets, mask = pack([prompts[j] for j in idx], [comps[j].tokens for j in idx], tokenizer.pad_id)
-        loss, p = reinforce_loss(model, z, tokens, pad, targets, mask, adv[idx], cfg.kl_coef, len(comps))
+        loss, p = reinforce_loss(model, z, tokens, pad, targets, mask, adv[idx], cfg.kl_coef, len(comps), generator)
         loss.backward()
         parts = {k: parts[k] + p[k] for k in parts}
-    svf.train_z(model, None)
+    train_mode(model, None)
     grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item() if keep else 0.0
     t3 = time.perf_counter()
     if keep:
@@ -171,39 +215,32 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
 # leave (PAPER.md section 6); here every sample is a well-formed answer, the gradient of
 # log pi_z(a|x) is exact, and so is the KL between the two option distributions.
 
-def option_logits(model: Transformer, prompts, replies, pad_id: int, temperature: float) -> torch.Tensor:
-    """log p(reply | prompt) / T for each (prompt, reply) pair: (N,), differentiable in z."""
-    tokens, pad, targets, mask = pack(prompts, replies, pad_id)
-    logits = response_logits(model, tokens, pad, targets.shape[1])
-    dev = logits.device
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None]).squeeze(-1)
-    return (logp * mask.to(dev)).sum(1) / temperature
-
-
 def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[int]]]:
     """The prompt's tokens and the tokens of each option's response."""
     return tokenizer.encode_chat(task.messages(problem)), [tokenizer.encode(r) for r in task.option_responses(problem)]
 
 
+def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:
+    """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z.
+    One packed forward pass: each prompt is computed once, not once per option (model.reply_logprobs)."""
+    prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
+    return [lp / temperature for lp in reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)]
+
+
 def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator) -> dict:
-    """One step of the multiple-choice variant: per problem one forward over all its options,
-    cfg.samples actions sampled from pi_z, loss -A log pi_z(a|x) + lambda KL(pi_z || pi_base)."""
+    """One step of the multiple-choice variant: cfg.samples actions per problem sampled from pi_z,
+    loss -A log pi_z(a|x) + lambda KL(pi_z || pi_base); cfg.micro_batch problems per forward pass."""
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     rewards_all, parts = [], {"pg": 0.0, "kl": 0.0}
     T = max(cfg.temperature, 1e-3)
-    per_micro = max(1, cfg.micro_batch // len(task.option_responses(problems[0])))  # problems per micro-batch
-    for i in range(0, len(problems), per_micro):
-        group = problems[i:i + per_micro]
-        pairs = [option_policy(tokenizer, task, p) for p in group]
-        prompts = [pr for pr, replies in pairs for _ in replies]
-        replies = [r for _, rs in pairs for r in rs]
-        sizes = [len(rs) for _, rs in pairs]
+    for i in range(0, len(problems), cfg.micro_batch):
+        group = problems[i:i + cfg.micro_batch]
         with torch.no_grad():
-            svf.train_z(model, None)
-            base = option_logits(model, prompts, replies, tokenizer.pad_id, T).split(sizes)
-        svf.train_z(model, z)
-        logits = option_logits(model, prompts, replies, tokenizer.pad_id, T).split(sizes)
+            train_mode(model, None)
+            base = option_logits(model, tokenizer, task, group, T)
+        train_mode(model, z, generator)
+        logits = option_logits(model, tokenizer, task, group, T)
         loss = 0.0
         for p, lz, lb in zip(group, logits, base):
             logpi = torch.log_softmax(lz, -1)
@@ -218,7 +255,7 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
             parts["kl"] += kl.item() / len(problems)
             rewards_all.append(r)
         loss.backward()
-    svf.train_z(model, None)
+    train_mode(model, None)
     grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item()
     opt.step()
     rewards = torch.stack(rewards_all)
@@ -227,17 +264,51 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
             "agree_share": (rewards.std(1) == 0).float().mean().item(), "t_step": time.perf_counter() - t0}
 
 
-def option_accuracy(model, tokenizer, task, problems, z) -> float:
+def option_accuracy(model, tokenizer, task, problems, z, batch: int = 16) -> float:
     """Validation of the variant: the option with the highest likelihood under z is the answer."""
-    svf.use_expert(model, None if z is None else {n: v.detach() for n, v in z.items()})
+    answer_mode(model, z)
     hits = 0
     with torch.no_grad():
-        for p in problems:
-            prompt, replies = option_policy(tokenizer, task, p)
-            best = int(option_logits(model, [prompt] * len(replies), replies, tokenizer.pad_id, 1.0).argmax())
-            hits += task.score(p, task.option_responses(p)[best])
-    svf.use_expert(model, None)
+        for i in range(0, len(problems), batch):
+            group = problems[i:i + batch]
+            for p, lp in zip(group, option_logits(model, tokenizer, task, group, 1.0)):
+                hits += task.score(p, task.option_responses(p)[int(lp.argmax())])
+    answer_mode(model, None)
     return hits / len(problems)
+
+
+# ----------------------------------------------------------------------------- supervised variant
+# The paper's LoRA baseline learns by next-token prediction on the tasks' reference responses
+# (GSM8K solutions, MBPP code, ARC answers) instead of by reward.
+
+def reference_tokens(tokenizer, task, problem: dict, end: list[int]) -> tuple[list[int], list[int]]:
+    """The prompt's tokens and the reference response's, closed by the end-of-turn token `end`."""
+    return tokenizer.encode_chat(task.messages(problem)), tokenizer.encode(task.reference_response(problem)) + end
+
+
+def sft_step(model, tokenizer, task, problems, params, opt, cfg: TrainConfig, generator) -> dict:
+    """One step of loss = mean over all reference tokens of -log p(y_t | x, y_<t), in micro-batches
+    (each divided by the step's token count, so the accumulated gradient is that of one big batch)."""
+    t0 = time.perf_counter()
+    end = sorted(tokenizer.end_of_turn_ids())[:1] or [tokenizer.eos_id]  # so the model learns to stop
+    pairs = [reference_tokens(tokenizer, task, p, end) for p in problems]
+    n_tokens = sum(len(r) for _, r in pairs)
+    opt.zero_grad(set_to_none=True)
+    train_mode(model, params, generator)
+    loss_sum = 0.0
+    for i in range(0, len(pairs), cfg.micro_batch):
+        prompts, responses = zip(*pairs[i:i + cfg.micro_batch])
+        tokens, pad, targets, mask = pack(list(prompts), list(responses), tokenizer.pad_id)
+        logits = response_logits(model, tokens, pad, targets.shape[1])                    # (b, R, vocab)
+        dev = logits.device
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None]).squeeze(-1)
+        loss = -(logp * mask.to(dev)).sum() / n_tokens
+        loss.backward()
+        loss_sum += loss.item()
+    train_mode(model, None)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip).item()
+    opt.step()
+    return {"loss": loss_sum, "tokens": n_tokens, "grad_norm": grad_norm, "t_step": time.perf_counter() - t0}
 
 
 def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -250,11 +321,11 @@ def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
 
 def validate(model, tokenizer, task, problems, z, batch: int) -> float:
     """Greedy accuracy of expert z on the validation problems."""
-    svf.use_expert(model, None if z is None else {n: v.detach() for n, v in z.items()})
+    answer_mode(model, z)
     prompts = [tokenizer.encode_chat(task.messages(p)) for p in problems]
     comps = generate_all(model, tokenizer, prompts, batch, desc="validate",
                          max_new_tokens=task.max_new_tokens, stop_strings=tuple(task.stop))
-    svf.use_expert(model, None)
+    answer_mode(model, None)
     return sum(task.score_many(problems, [c.text for c in comps])) / len(problems)
 
 
@@ -265,9 +336,28 @@ def save_atomic(obj, path: Path) -> None:
     tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
 
 
+def setup(model: Transformer, cfg: TrainConfig) -> tuple[dict, dict, type]:
+    """Attach the method's wrappers; return the trainable tensors at their start (the base model
+    exactly), the metadata saved with them, and the file class (svf.Expert or lora.Adapter)."""
+    meta = {"base_model": svf.model_fingerprint(model), "method": cfg.method, "task": cfg.task, "config": asdict(cfg)}
+    if cfg.method == "svf":
+        svf.attach(model, svf.decompose(model, cfg.targets))
+        params = svf.ones(model)                                       # z = 1
+        meta |= {"targets": cfg.targets, "parametrisation": "plain z, W' = U diag(s*z) V^T"}
+        return {n: torch.nn.Parameter(v) for n, v in params.items()}, meta, svf.Expert
+    if cfg.method == "lora":
+        lcfg = lora.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        lora.attach(model, lcfg)
+        params = lora.init_params(model, cfg.seed)                     # B = 0
+        meta |= {"lora": asdict(lcfg)}
+        return {n: torch.nn.Parameter(v) for n, v in params.items()}, meta, lora.Adapter
+    raise ValueError(f"unknown method {cfg.method!r}: choose svf or lora")
+
+
 def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bool = False, log=print,
-          task=None, train_set: list[dict] | None = None, val_set: list[dict] | None = None) -> svf.Expert:
-    """Train an expert for cfg.task; writes out/{best,last}.safetensors, state.pt and log.jsonl.
+          task=None, train_set: list[dict] | None = None, val_set: list[dict] | None = None):
+    """Train an expert (or LoRA adapter) for cfg.task; writes out/{best,last}.safetensors, state.pt
+    and log.jsonl, and returns the best one (an svf.Expert or a lora.Adapter).
 
     task, train_set and val_set default to data.TASKS[cfg.task] and its train/validation splits;
     the classification expert (adapt.py) passes its own.
@@ -277,12 +367,24 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     train_set = train_set if train_set is not None else data.load(cfg.task, "train")
     val_set = val_set if val_set is not None else data.load(cfg.task, "validation")
     val_set = val_set[:cfg.val_limit] if cfg.val_limit else val_set
-    svd = svf.decompose(model, cfg.targets)
-    svf.attach(model, svd)
-    meta = {"base_model": svf.model_fingerprint(model), "targets": cfg.targets, "task": cfg.task,
-            "parametrisation": "plain z, W' = U diag(s*z) V^T", "config": asdict(cfg)}
-    z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
-    opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)  # decay would pull z towards 0, not 1
+    if cfg.objective not in ("reinforce", "sft"):
+        raise ValueError(f"unknown objective {cfg.objective!r}: choose reinforce or sft")
+    if cfg.rollout not in ("generate", "options"):
+        raise ValueError(f"unknown rollout {cfg.rollout!r}: choose generate or options")
+    if cfg.validation not in ("generate", "options"):
+        raise ValueError(f"unknown validation {cfg.validation!r}: choose generate or options")
+    if "options" in (cfg.rollout, cfg.validation) and not hasattr(task, "option_responses"):
+        raise ValueError(f"task {cfg.task!r} has no options: --rollout/--validation options are for multiple choice")
+    z, meta, File = setup(model, cfg)
+    n_base = sum(p.numel() for p in model.parameters())
+    meta["trainable"] = sum(v.numel() for v in z.values())
+    what = f"SVF on '{cfg.targets}'" if cfg.method == "svf" else \
+        f"LoRA rank {cfg.lora_rank} on '{cfg.lora_targets}'"
+    log(f"{what}: {meta['trainable']:,} trainable numbers ({100 * meta['trainable'] / n_base:.3f}% "
+        f"of the base model's {n_base:,})")
+    start_params = {n: v.detach().clone() for n, v in z.items()}
+    # no weight decay: it would pull z towards 0 (not 1), and the paper's LoRA baseline names none
+    opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)) if cfg.cosine else 1.0)
     gen = torch.Generator(model.tok_embeddings.weight.device).manual_seed(cfg.seed)
@@ -291,9 +393,11 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     state_path = out / "state.pt"
     if resume and state_path.exists():
         st = torch.load(state_path, weights_only=True)
+        if set(st["params"]) != set(z):
+            raise ValueError(f"{state_path} holds another method's or targets' tensors than this configuration")
         with torch.no_grad():
             for n in z:
-                z[n].copy_(st["z"][n])
+                z[n].copy_(st["params"][n])
         opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
         start, best = st["step"], st["best"]
         log(f"resumed from step {start} (best validation accuracy {best:.3f})")
@@ -304,21 +408,17 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     log_path.write_text("".join(l + "\n" for l in kept))
 
     def checkpoint(step: int) -> None:
-        save_atomic({"z": {n: v.detach() for n, v in z.items()}, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "gen": gen.get_state(), "step": step, "best": best}, state_path)
-        svf.Expert({n: v.detach() for n, v in z.items()}, {**meta, "step": step}).save(out / "last.safetensors")
+        save_atomic({"params": {n: v.detach() for n, v in z.items()}, "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "gen": gen.get_state(), "step": step, "best": best}, state_path)
+        File({n: v.detach() for n, v in z.items()}, {**meta, "step": step}).save(out / "last.safetensors")
 
-    if cfg.rollout not in ("generate", "options"):
-        raise ValueError(f"unknown rollout {cfg.rollout!r}: choose generate or options")
-    if cfg.rollout == "options" and not hasattr(task, "option_responses"):
-        raise ValueError(f"task {cfg.task!r} has no options: --rollout options is for multiple-choice tasks")
-    step_fn = train_step if cfg.rollout == "generate" else option_step
-    val_fn = (lambda m, t, k, ps, z: validate(m, t, k, ps, z, cfg.gen_batch)) if cfg.rollout == "generate" \
+    step_fn = sft_step if cfg.objective == "sft" else train_step if cfg.rollout == "generate" else option_step
+    val_fn = (lambda m, t, k, ps, z: validate(m, t, k, ps, z, cfg.gen_batch)) if cfg.validation == "generate" \
         else option_accuracy
     if start == 0 and cfg.eval_every:
         best = val_fn(model, tokenizer, task, val_set, None)
         log(f"step 0 (base model): validation accuracy {best:.3f} on {len(val_set)} problems")
-        svf.Expert(svf.ones(model), {**meta, "step": 0, "val_accuracy": best}).save(out / "best.safetensors")
+        File(start_params, {**meta, "step": 0, "val_accuracy": best}).save(out / "best.safetensors")
     stop = {"asked": False}
 
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: exit now
@@ -329,26 +429,28 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.task}")
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.task} ({cfg.method})")
         for step in bar:
             problems = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.batch_size, cfg.seed)]
             stats = step_fn(model, tokenizer, task, problems, z, opt, cfg, gen)
             sched.step()
             record = {"step": step + 1, "lr": sched.get_last_lr()[0], **stats}
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                t_val = time.perf_counter()
                 record["val_accuracy"] = val_fn(model, tokenizer, task, val_set, z)
+                record["t_val"] = time.perf_counter() - t_val
                 if record["val_accuracy"] > best:
                     best = record["val_accuracy"]
-                    svf.Expert({n: v.detach() for n, v in z.items()},
-                               {**meta, "step": step + 1, "val_accuracy": best}).save(out / "best.safetensors")
+                    File({n: v.detach() for n, v in z.items()},
+                         {**meta, "step": step + 1, "val_accuracy": best}).save(out / "best.safetensors")
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            bar.set_postfix(reward=f"{stats['reward']:+.2f}", acc=f"{stats['accuracy']:.2f}",
-                            val=f"{record.get('val_accuracy', best):.2f}")
+            shown = {k: f"{stats[k]:+.2f}" for k in ("reward", "loss") if k in stats}
+            bar.set_postfix(**shown, val=f"{record.get('val_accuracy', best):.2f}")
             checkpoint(step + 1)
             if stop["asked"]:
                 log(f"saved a checkpoint at step {step + 1} in {out}; continue with --resume")
                 raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, previous)
-    return svf.Expert.load(out / "best.safetensors")
+    return File.load(out / ("best.safetensors" if cfg.eval_every else "last.safetensors"))

@@ -1,10 +1,14 @@
-"""Train an SVF expert with REINFORCE + KL (paper section 3.1) on one task.
+"""Train an SVF expert with REINFORCE + KL (paper section 3.1) on one task, or the LoRA baseline.
 
     python train.py --task gsm8k                      # the math expert, default model, CPU
     python train.py --task arc_easy --steps 60 --kl-coef 0.2 --out runs/arc
+    python train.py --task arc_easy --rollout options # multiple choice: act by option likelihood
+    python train.py --task cls --rollout options      # the classification expert of eval.py --strategy cls
     python train.py --task gsm8k --resume             # continue an interrupted run
+    python train.py --task gsm8k --method lora        # the LoRA baseline: next-token prediction on the solutions
+    python train.py --task gsm8k --method lora --objective reinforce   # LoRA with SVF's objective
 
-Writes into --out: best.safetensors (the expert with the best validation accuracy),
+Writes into --out: best.safetensors (the expert or adapter with the best validation accuracy),
 last.safetensors, state.pt (to resume), log.jsonl (one line per step), config.json.
 """
 from __future__ import annotations
@@ -33,19 +37,31 @@ def seed_everything(seed: int) -> None:
 
 
 def main(model: str | None, out: str | None, resume: bool, device: str, dtype: str, threads: int, **kwargs) -> None:
+    if kwargs["objective"] is None:  # the paper's pairing: SVF by reward, LoRA by next-token prediction
+        kwargs["objective"] = "reinforce" if kwargs["method"] == "svf" else "sft"
+    if kwargs["validation"] is None:
+        kwargs["validation"] = "options" if kwargs["task"] == "cls" else "generate"
     cfg = rl.TrainConfig(**kwargs)
     if cfg.task not in TRAIN_TASKS:
         raise SystemExit(f"error: unknown training task {cfg.task!r}; choose one of {', '.join(TRAIN_TASKS)}")
-    if cfg.rollout == "options" and cfg.task not in ("arc_easy", "cls"):
-        raise SystemExit(f"error: --rollout options needs a multiple-choice task (arc_easy, cls), not {cfg.task!r}")
-    if cfg.baseline == "loo" and cfg.samples < 2:
+    for flag, value in (("--rollout", cfg.rollout), ("--validation", cfg.validation)):
+        if value == "options" and cfg.task not in ("arc_easy", "cls"):
+            raise SystemExit(f"error: {flag} options needs a multiple-choice task (arc_easy, cls), not {cfg.task!r}")
+    if cfg.method == "lora" and (cfg.lora_rank < 1 or not 0 <= cfg.lora_dropout < 1):
+        raise SystemExit("error: --lora-rank must be positive and --lora-dropout in [0, 1)")
+    if cfg.objective == "sft" and cfg.rollout == "options":
+        raise SystemExit("error: --rollout options is a way of sampling for --objective reinforce, not sft")
+    if cfg.baseline == "loo" and cfg.samples < 2 and cfg.objective == "reinforce":
         raise SystemExit("error: --baseline loo needs --samples 2 or more")
     if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.gen_batch) < 1:
         raise SystemExit("error: --steps, --batch-size, --samples, --micro-batch and --gen-batch must be positive")
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
-    out_dir = Path(out or f"runs/{cfg.task}-svf-{cfg.targets}-seed{cfg.seed}")
+    what = f"svf-{cfg.targets}" if cfg.method == "svf" else f"lora-{cfg.lora_targets}-r{cfg.lora_rank}"
+    if cfg.objective != ("reinforce" if cfg.method == "svf" else "sft"):
+        what += f"-{cfg.objective}"
+    out_dir = Path(out or f"runs/{cfg.task}-{what}-seed{cfg.seed}")
     config = {**asdict(cfg), "model": model or "default (SmolLM2-135M-Instruct)", "out": str(out_dir),
               "device": device, "dtype": dtype, "command": "python " + " ".join(sys.argv)}
     print(json.dumps(config, indent=2))
@@ -55,26 +71,37 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
         raise SystemExit(f"error: {e}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    svd = svf.decompose(net, cfg.targets)
-    n_base = sum(p.numel() for p in net.parameters())
-    print(f"SVF on '{cfg.targets}': {svf.count_params(svd):,} trainable numbers "
-          f"({100 * svf.count_params(svd) / n_base:.3f}% of the base model's {n_base:,})")
     extra = {}
     if cfg.task == "cls":  # the classification expert (paper 3.2 b): questions of the three training tasks
         import adapt
         extra = dict(task=adapt.CLS_TASK, train_set=adapt.cls_problems("train", seed=cfg.seed),
                      val_set=adapt.cls_problems("validation"))
     expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
-    print(f"best validation accuracy {expert.meta.get('val_accuracy', float('nan')):.3f} at step "
-          f"{expert.meta.get('step')}: {out_dir / 'best.safetensors'}")
+    if cfg.eval_every:
+        print(f"best validation accuracy {expert.meta['val_accuracy']:.3f} at step {expert.meta['step']}: "
+              f"{out_dir / 'best.safetensors'}")
+    else:
+        print(f"no validation (--eval-every 0); the expert after step {expert.meta['step']}: {out_dir / 'last.safetensors'}")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # keeps the examples' line breaks and shows every default
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
     p.add_argument("--task", default="gsm8k", choices=TRAIN_TASKS, help="task to train the expert on")
     p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--targets", default="mlp", choices=list(svf.TARGETS), help="matrices that get a z vector")
+    p.add_argument("--method", default=defaults["method"], choices=["svf", "lora"],
+                   help="svf: an expert vector z (the paper); lora: the LoRA baseline it is compared against")
+    p.add_argument("--objective", default=None, choices=["reinforce", "sft"],
+                   help="reinforce: REINFORCE + KL on the task's reward; sft: next-token prediction on the reference "
+                        "responses (default: reinforce for svf, sft for lora, as in the paper)")
+    p.add_argument("--targets", default="mlp", choices=list(svf.TARGETS), help="svf: matrices that get a z vector")
+    p.add_argument("--lora-rank", type=int, default=defaults["lora_rank"], help="lora: rank r")
+    p.add_argument("--lora-alpha", type=float, default=defaults["lora_alpha"], help="lora: scale alpha (delta = alpha/r B A)")
+    p.add_argument("--lora-dropout", type=float, default=defaults["lora_dropout"], help="lora: dropout on the adapter's input")
+    p.add_argument("--lora-targets", default=defaults["lora_targets"], choices=["qv", "attn", "mlp", "all"],
+                   help="lora: matrices that get an adapter")
     p.add_argument("--steps", type=int, default=defaults["steps"], help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="prompts per step")
     p.add_argument("--samples", type=int, default=defaults["samples"], help="responses sampled per prompt")
@@ -89,12 +116,17 @@ if __name__ == "__main__":
     p.add_argument("--rollout", default=defaults["rollout"], choices=["generate", "options"],
                    help="generate: sample free responses (the paper); options: multiple-choice tasks (arc_easy, cls) "
                         "act by sampling one option from the softmax of the options' log-likelihoods")
+    p.add_argument("--validation", default=None, choices=["generate", "options"],
+                   help="how validation reads an answer: generate (greedy replies, as eval.py does; the default) "
+                        "or options (the likeliest option; the default for cls, whose first pass reads labels so)")
     p.add_argument("--clip", type=float, default=defaults["clip"], help="gradient-norm clipping")
-    p.add_argument("--micro-batch", type=int, default=defaults["micro_batch"], help="sequences per backward pass")
+    p.add_argument("--micro-batch", type=int, default=defaults["micro_batch"],
+                   help="sequences per backward pass (with --rollout options: problems, each packed with its options)")
     p.add_argument("--gen-batch", type=int, default=defaults["gen_batch"], help="sequences per generation batch")
-    p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="validate every N steps (0: never)")
+    p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="validate every N steps and at the end (0: never; then only last.safetensors)")
     p.add_argument("--val-limit", type=int, default=defaults["val_limit"], help="validation problems (0: all)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/TASK-svf-TARGETS-seedSEED)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/TASK-svf-TARGETS-seedSEED, "
+                                                "runs/TASK-lora-TARGETS-rRANK-seedSEED)")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="seeds python, numpy, torch and the data order")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")

@@ -94,20 +94,6 @@ def test_other_and_unparsable_use_the_base_model():
     assert all(m.z is None and m.merged is None for m in svf.wrappers(model).values())  # left on the base
 
 
-def test_label_logprobs_equal_a_full_forward_pass():
-    model, tok = tiny_model(), CharTokenizer()
-    svf.use_expert(model, random_expert(model, 2))  # also under an expert
-    prompts = [tok.encode(t) for t in ("a short one", "a much longer prompt than that", "mid length")]
-    replies = [tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS]
-    got = adapt.label_logprobs(model, tok, prompts, replies)
-    for b, p in enumerate(prompts):  # independent: no cache, one row per (prompt, reply), rl.pack's layout
-        tokens, pad, targets, mask = rl.pack([p] * len(replies), replies, tok.pad_id)
-        logp = torch.log_softmax(rl.response_logits(model, tokens, pad, targets.shape[1]), -1)
-        want = (logp.gather(-1, targets[..., None]).squeeze(-1) * mask).sum(1)
-        torch.testing.assert_close(got[b], want)
-    svf.use_expert(model, None)
-
-
 def test_classify_uses_z_then_returns_to_base():
     model, tok = tiny_model(), CharTokenizer()
     questions = ["what is 2 + 2?", "write a function", "which gas do plants take in?"]
@@ -119,7 +105,11 @@ def test_classify_uses_z_then_returns_to_base():
     svf.use_expert(model, z)
     prompts = [tok.encode_chat(adapt.classify_messages(q)) for q in questions]
     replies = [tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS]
-    assert with_z == [adapt.LABELS[i] for i in adapt.label_logprobs(model, tok, prompts, replies).argmax(1)]
+    def plain_logprob(p, r):  # independent of the packed pass: one unpadded row per (prompt, reply)
+        logp = torch.log_softmax(model(torch.tensor([p + r]))[0, len(p) - 1:-1], -1)
+        return logp.gather(-1, torch.tensor(r)[:, None]).sum().item()
+    want = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k])) for p in prompts]
+    assert with_z == [adapt.LABELS[k] for k in want]
     svf.use_expert(model, None)
     assert all(m.merged is None for m in svf.wrappers(model).values())
     generated = adapt.classify(model, tok, questions, method="generate")  # random text: mostly unparsable
@@ -273,15 +263,3 @@ def test_cls_task_runs_in_the_reinforce_trainer():
     assert 0 <= rl.validate(model, CharTokenizer(), adapt.CLS_TASK, problems, z, batch=2) <= 1
 
 
-@pytest.mark.real
-def test_label_logprobs_on_the_real_model_equal_a_full_forward_pass(real):
-    model, tok = real
-    questions = [data.TASKS[t].messages(data.load(t, "validation")[0])[-1]["content"] for t in ("gsm8k", "mbpp")]
-    prompts = [tok.encode_chat(adapt.classify_messages(q)) for q in questions]
-    replies = [tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS]
-    got = adapt.label_logprobs(model, tok, prompts, replies)
-    for b, p in enumerate(prompts):
-        tokens, pad, targets, mask = rl.pack([p] * len(replies), replies, tok.pad_id)
-        logp = torch.log_softmax(rl.response_logits(model, tokens, pad, targets.shape[1]), -1)
-        want = (logp.gather(-1, targets[..., None]).squeeze(-1) * mask).sum(1)
-        torch.testing.assert_close(got[b], want, atol=1e-3, rtol=0)

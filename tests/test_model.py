@@ -7,7 +7,7 @@ import torch
 
 import fetch
 from checkpoint import load_model
-from model import generate
+from model import generate, reply_logprobs
 
 PROMPTS = [
     "The capital of France is",
@@ -95,6 +95,26 @@ def test_kv_cache_decoding_equals_full_recomputation(tmp_path):
     greedy = [logprobs[p].argmax().item() for p in positions]
     assert c.tokens == greedy
     np.testing.assert_allclose(c.logprobs, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "mistral"])  # mistral: a sliding window shorter than the rows
+def test_packed_reply_logprobs_equal_one_plain_forward_per_reply(kind, tmp_path):
+    make_hf_checkpoint(kind, tmp_path)
+    model = load_model(tmp_path, device="cpu", dtype="float32").requires_grad_(True)
+    prompts = [[5, 17, 33, 2, 99, 64, 8, 1, 4], [7, 7]]
+    replies = [[[3, 4, 5, 6], [9], [10, 11, 12, 13, 14, 15, 16]], [[20, 21], [22, 23, 24]]]
+    got = reply_logprobs(model, prompts, replies, pad_id=0)
+    torch.stack([g.sum() for g in got]).sum().backward()
+    got_grad = model.layers[0].mlp.up.weight.grad.clone()
+    model.zero_grad()
+    want = []
+    for p, rs in zip(prompts, replies):  # independent: one unpadded, plainly causal row per reply
+        for r in rs:
+            logp = torch.log_softmax(model(torch.tensor([p + r]))[0, len(p) - 1:-1], -1)
+            want.append(logp.gather(-1, torch.tensor(r)[:, None]).sum())
+    torch.stack(want).sum().backward()
+    torch.testing.assert_close(torch.cat(got), torch.stack(want), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_grad, model.layers[0].mlp.up.weight.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_left_padded_batch_equals_each_prompt_alone_tiny(tmp_path):

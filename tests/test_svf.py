@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import lora
 import rl
 import svf
 from model import ModelArgs, Transformer
@@ -194,6 +195,12 @@ class ToyTokenizer:
     def decode(self, ids):
         return " ".join(map(str, ids))
 
+    def encode(self, text):  # inverse of decode, for reference responses ("17" -> [17])
+        return [int(t) for t in text.split()]
+
+    def end_of_turn_ids(self):
+        return {1}
+
 
 class ToyTask:
     """Reward when the response contains the problem's answer token: rare but not impossible."""
@@ -208,6 +215,9 @@ class ToyTask:
     def score_many(self, problems, responses, workers=4):
         return [self.score(p, r) for p, r in zip(problems, responses)]
 
+    def reference_response(self, p):
+        return p["answer"]
+
 
 def toy_problems(n, seed):
     g = torch.Generator().manual_seed(seed)
@@ -215,46 +225,58 @@ def toy_problems(n, seed):
              "answer": str(int(torch.randint(3, 64, (), generator=g)))} for i in range(n)]
 
 
-def run_toy(out, steps, resume=False, interrupt_at=None, monkeypatch=None):
+def run_toy(out, steps, resume=False, interrupt_at=None, monkeypatch=None, **overrides):
     model = tiny_model(torch.float32)
     cfg = rl.TrainConfig(task="toy", targets="mlp", steps=steps, batch_size=2, samples=3, temperature=1.0,
                          lr=0.05, kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, eval_every=2,
-                         val_limit=0, seed=3)
+                         val_limit=0, seed=3, **overrides)
+    step_name = "sft_step" if cfg.objective == "sft" else "train_step"
     if interrupt_at is not None:  # a Ctrl-C arriving during step `interrupt_at`
         import os
         import signal
-        real_step, calls = rl.train_step, []
+        real_step, calls = getattr(rl, step_name), []
 
         def step_then_ctrl_c(*args, **kwargs):
             calls.append(1)
             if len(calls) == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)
             return real_step(*args, **kwargs)
-        monkeypatch.setattr(rl, "train_step", step_then_ctrl_c)
+        monkeypatch.setattr(rl, step_name, step_then_ctrl_c)
     rl.train(model, ToyTokenizer(), cfg, out, resume=resume, log=lambda *a: None, task=ToyTask(),
              train_set=toy_problems(8, 0), val_set=toy_problems(4, 1))
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-TIMING = ("rollout_tok_s", "t_rollout", "t_score", "t_backward", "t_step")
+TIMING = ("rollout_tok_s", "t_rollout", "t_score", "t_backward", "t_step", "t_val")
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method,objective", [("svf", "reinforce"), ("lora", "sft"), ("lora", "reinforce")])
+def test_resumed_run_equals_uninterrupted_run(method, objective, tmp_path, monkeypatch):
     monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
-    straight = run_toy(tmp_path / "a", steps=5)
+    kw = dict(method=method, objective=objective, lora_rank=2, lora_dropout=0.1)  # dropout: its masks must resume too
+    straight = run_toy(tmp_path / "a", steps=5, **kw)
     with pytest.raises(SystemExit):
-        run_toy(tmp_path / "b", steps=5, interrupt_at=2, monkeypatch=monkeypatch)
+        run_toy(tmp_path / "b", steps=5, interrupt_at=2, monkeypatch=monkeypatch, **kw)
     monkeypatch.undo()
     monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
     assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 2  # stopped after finishing step 2
-    resumed = run_toy(tmp_path / "b", steps=5, resume=True)
+    resumed = run_toy(tmp_path / "b", steps=5, resume=True, **kw)
     strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
     assert strip(resumed) == strip(straight)
     assert any(r["grad_norm"] > 0 for r in straight)  # it really trained
-    a = svf.Expert.load(tmp_path / "a" / "last.safetensors")
-    b = svf.Expert.load(tmp_path / "b" / "last.safetensors")
-    assert all(torch.equal(a.z[n], b.z[n]) for n in a.z)
-    assert any((v - 1).abs().max() > 1e-4 for v in a.z.values())
+    File = svf.Expert if method == "svf" else lora.Adapter
+    a, b = File.load(tmp_path / "a" / "last.safetensors"), File.load(tmp_path / "b" / "last.safetensors")
+    tensors = (lambda f: f.z) if method == "svf" else (lambda f: f.params)
+    assert all(torch.equal(tensors(a)[n], tensors(b)[n]) for n in tensors(a))
+    moved = [(v - 1).abs().max() for v in a.z.values()] if method == "svf" else \
+        [v.abs().max() for n, v in a.params.items() if n.endswith(".B")]  # z starts at 1, B at 0
+    assert max(moved) > 1e-4
+
+
+def test_sft_lowers_the_loss_of_the_reference_responses(tmp_path, monkeypatch):
+    records = run_toy(tmp_path / "sft", steps=12, method="lora", objective="sft", lora_rank=4, lora_dropout=0.0)
+    first, last = (sum(r["loss"] for r in records[i:i + 4]) / 4 for i in (0, 8))  # epochs 1 and 3, same problems
+    assert last < 0.8 * first, (first, last)
 
 
 class ToyChoiceTask(ToyTask):
@@ -276,9 +298,7 @@ def test_option_rollout_learns_the_rewarded_option(tmp_path, monkeypatch):
     cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.0, baseline="loo", micro_batch=6)
     problems = toy_problems(4, 0)
     before = rl.option_accuracy(model, tok, task, problems, None)
-    p_right = lambda: torch.softmax(torch.stack([rl.option_logits(model, *zip(*[(tok.encode_chat(task.messages(p)), r)
-                                     for r in [tok.encode(o) for o in task.option_responses(p)]]), 0, 1.0)
-                                     for p in problems]), -1)[:, 2].mean().item()
+    p_right = lambda: torch.softmax(torch.stack(rl.option_logits(model, tok, task, problems, 1.0)), -1)[:, 2].mean().item()
     svf.train_z(model, None)
     with torch.no_grad():
         start = p_right()

@@ -1,0 +1,320 @@
+"""Turn saved runs into RESULTS.md and its plots: the paper's Tables 1 and 2 (section 4), from files only.
+
+    python results.py                              # results/ -> RESULTS.md, results/plots/*.png
+    python results.py --results runs --out /tmp/R.md
+
+Reads what eval.py and train.py wrote (results/eval/<strategy>/<task>/summary.json and responses.jsonl,
+results/eval/fewshot/<task>/fewshot.json, results/train/<run>/config.json and log.jsonl) and the metadata
+of the shipped experts/*.safetensors and adapters/*.safetensors (read as JSON, without torch). A file
+that is missing shows as "not run": nothing is re-computed from a model and no number is filled in.
+Each method is compared with the base model on the same problems (paired by id) with an exact McNemar
+test, so that a difference of a few problems is not reported as a gain. Plots need matplotlib (optional).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+NAMES = {"gsm8k": "GSM8K", "mbpp": "MBPP", "arc_easy": "ARC-Easy",
+         "arc_challenge": "ARC-Challenge", "humaneval": "HumanEval", "math": "MATH"}
+TRAIN_TASKS = ["gsm8k", "mbpp", "arc_easy"]
+NEAREST = {"arc_challenge": "arc_easy", "humaneval": "mbpp", "math": "gsm8k"}  # unseen task -> its domain's task
+# Table columns: name -> eval folder under results/eval ({task}: the row's task, {near}: NEAREST[task])
+TABLE1 = {"base": "base", "LoRA": "adapter-{task}", "SVF": "expert-{task}"}
+TABLE2 = {"base": "base", "LoRA (nearest domain)": "adapter-{near}", "prompt": "prompt", "cls": "cls",
+          "fewshot": "fewshot"}
+NOT_RUN = "not run"
+NO_MATPLOTLIB = "plots skipped: matplotlib is not installed (pip install matplotlib)"
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def read_json(path: Path) -> dict | None:
+    """The JSON in path, or None when the file is missing or unreadable (a run still writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict] | None:
+    """One dict per non-empty line; a torn last line (a run still writing) is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def safetensors_meta(path: Path) -> dict | None:
+    """The "meta" JSON of a safetensors file, with "trainable" counted from the tensor shapes if absent.
+
+    The format: an 8-byte little-endian header length, then a JSON header mapping each tensor name to
+    its dtype, shape and offsets, and "__metadata__" to a dict of strings."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+    except (OSError, ValueError, struct.error):
+        return None
+    if "trainable" not in meta:
+        meta["trainable"] = sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return meta
+
+
+def eval_run(results: Path, folder: str, task: str) -> dict | None:
+    """summary.json of one evaluation (with "dir" added), or None if it was not run."""
+    summary = read_json(results / "eval" / folder / task / "summary.json")
+    if not isinstance(summary, dict) or not summary.get("n") or "correct" not in summary:
+        return None  # missing, unreadable, or no problems scored
+    return {**summary, "dir": results / "eval" / folder / task}
+
+
+def train_runs(results: Path) -> list[dict]:
+    """Every results/train/<run> with a config.json: name, config and its log (one dict per step)."""
+    runs = []
+    for cfg_path in sorted((results / "train").glob("*/config.json")):
+        if (config := read_json(cfg_path)) is not None:
+            runs.append({"name": cfg_path.parent.name, "config": config,
+                         "log": read_jsonl(cfg_path.parent / "log.jsonl") or []})
+    return runs
+
+
+# ----------------------------------------------------------------------------- statistics and formatting
+
+def mcnemar_p(better: int, worse: int) -> float:
+    """Exact two-sided McNemar test: under "no difference" each discordant pair is a fair coin, so
+    p = 2 P(Binomial(better + worse, 1/2) <= min(better, worse)), capped at 1."""
+    n = better + worse
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(better, worse) + 1)) / 2 ** n)
+
+
+def compare(name: str, base: dict | None, other: dict | None) -> str:
+    """One method against the base model on the same problems, paired by id."""
+    if base is None or other is None:
+        return f"{name} vs base: {'base' if base is None else name} not run"
+    a, b = ({r["id"]: bool(r.get("correct")) for r in read_jsonl(run["dir"] / "responses.jsonl") or [] if "id" in r}
+            for run in (base, other))
+    if not a or not b:
+        return f"{name} vs base: not compared (responses.jsonl missing)"
+    if set(a) != set(b):
+        return f"{name} vs base: different problem sets, not compared"
+    better = sum(b[i] and not a[i] for i in a)
+    worse = sum(a[i] and not b[i] for i in a)
+    p = mcnemar_p(better, worse)
+    return (f"{name} vs base: {100 * (better - worse) / len(a):+.1f} points ({better} better, {worse} worse), "
+            f"McNemar p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}" + (", within noise" if p >= 0.05 else ""))
+
+
+def cell(run: dict | None) -> str:
+    """"19.7% (118/600) [16.7, 23.0]": accuracy, counts and the 95% Wilson interval of summary.json."""
+    if run is None:
+        return NOT_RUN
+    ci = " [{:.1f}, {:.1f}]".format(*(100 * x for x in run["ci95"])) if run.get("ci95") else ""
+    return f"{100 * run['correct'] / run['n']:.1f}% ({run['correct']}/{run['n']}){ci}"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def rel(path: Path, here: Path) -> str:
+    """A path as RESULTS.md should link it: relative to the folder RESULTS.md is in."""
+    return Path(os.path.relpath(path, here)).as_posix()
+
+
+# ----------------------------------------------------------------------------- sections
+
+def table(results: Path, tasks: list[str], columns: dict[str, str], extra: dict[str, list[str]]) -> list[str]:
+    """A markdown table (rows: tasks, columns: methods), then per task the paired comparisons with the
+    base model, the answer distribution of each cell that has one, and any extra lines."""
+    runs = {t: {c: eval_run(results, f.format(task=t, near=NEAREST.get(t, t)), t) for c, f in columns.items()}
+            for t in tasks}
+    lines = ["| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {NAMES[t]} | " + " | ".join(cell(runs[t][c]) for c in columns) + " |" for t in tasks]
+    for t in tasks:
+        notes = [compare(c.split(" (")[0], runs[t]["base"], r) for c, r in runs[t].items() if c != "base"]
+        notes += [f"answers, {c}: " + ", ".join(f"{k} {v}" for k, v in r["answer_distribution"].items())
+                  for c, r in runs[t].items() if r and r.get("answer_distribution")]
+        lines += ["", f"**{NAMES[t]}**", ""] + [f"- {n}" for n in notes + extra.get(t, [])]
+    return lines
+
+
+def training_lines(task: str, experts: Path, adapters: Path, results: Path, runs: list[dict], here: Path) -> list[str]:
+    """Trainable numbers of the shipped expert and adapter, and the wall time of the run that made each."""
+    lines = []
+    for label, method, folder in (("SVF", "svf", experts), ("LoRA", "lora", adapters)):
+        path = folder / f"{task}.safetensors"
+        meta = safetensors_meta(path)
+        if meta is None:
+            lines.append(f"{label}: {rel(path, here)} not found")
+        else:
+            best = (f", best validation {100 * meta['val_accuracy']:.1f}% at step {meta.get('step')}"
+                    if meta.get("val_accuracy") is not None else "")
+            lines.append(f"{label}: {meta['trainable']:,} trainable numbers ({rel(path, here)}{best})")
+        found = [r for r in runs if r["config"].get("task") == task and r["config"].get("method", "svf") == method]
+        if len(found) > 1 and meta and meta.get("config"):  # keep the run(s) with the settings the file names
+            found = [r for r in found if all(r["config"].get(k) == v for k, v in meta["config"].items())] or found
+        if not found:
+            lines.append(f"{label} training time: no run of {task} with method {method} in {rel(results, here)}/train")
+        for r in found:
+            wall = sum(s.get("t_step", 0) + s.get("t_val", 0) for s in r["log"])
+            lines.append(f"{label} training time: {duration(wall)} ({r['name']}: {len(r['log'])} steps logged)")
+    return lines
+
+
+def routing_lines(results: Path) -> list[str]:
+    """Prompt and cls dispatch: how often the first pass read the task's own domain, and its cost."""
+    lines = ["| task | strategy | routing accuracy | experts chosen | first pass | second pass | first-pass share |",
+             "|---|---|---|---|---|---|---|"]
+    for strategy in ("prompt", "cls"):
+        for t in NEAREST:
+            run = eval_run(results, strategy, t)
+            if run is None:
+                lines.append(f"| {NAMES[t]} | {strategy} | {NOT_RUN} | | | | |")
+                continue
+            routed = run.get("routing_accuracy")
+            chosen = ", ".join(f"{k} {v}" for k, v in (run.get("experts") or {}).items())
+            t1, t2 = run.get("first_pass_s", 0), run.get("second_pass_s", 0)
+            lines.append(f"| {NAMES[t]} | {strategy} | {'-' if routed is None else f'{100 * routed:.1f}%'} | {chosen} "
+                         f"| {duration(t1)} | {duration(t2)} | {f'{100 * t1 / t2:.1f}%' if t2 else '-'} |")
+    return lines
+
+
+def fewshot_lines(results: Path) -> list[str]:
+    """The CEM search of the fewshot strategy: its cost per generation and in total, and what it found."""
+    lines = ["| task | generations | population | time per generation | total | best shot accuracy | alpha |",
+             "|---|---|---|---|---|---|---|"]
+    for t in NEAREST:
+        report = read_json(results / "eval" / "fewshot" / t / "fewshot.json")
+        if report is None or not report.get("history"):
+            lines.append(f"| {NAMES[t]} | {NOT_RUN} | | | | | |")
+            continue
+        h, seconds = report["history"], [g["seconds"] for g in report["history"]]
+        alpha = [a if isinstance(a, (int, float)) else sum(a) / len(a) for a in report["alpha"]]  # per layer: mean
+        alphas = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], alpha))
+        lines.append(f"| {NAMES[t]} | {len(h)} | {report.get('population')} | {duration(sum(seconds) / len(h))} | "
+                     f"{duration(sum(seconds))} | {100 * report['best'][0]:.0f}% on {len(report.get('shots', []))} "
+                     f"shots | {alphas}{' (mean over matrices)' if report.get('per_layer') else ''} |")
+    return lines
+
+
+def command_lines(results: Path, runs: list[dict]) -> list[str]:
+    lines = []
+    for path in sorted((results / "eval").glob("*/*/summary.json")):
+        s = read_json(path) or {}
+        lines.append(f"- {path.parent.parent.name}/{path.parent.name}: n {s.get('n')}, seed {s.get('seed')}: "
+                     f"`{s.get('command', 'no command recorded')}`")
+    for r in runs:
+        c = r["config"]
+        lines.append(f"- train/{r['name']}: {c.get('steps')} steps, seed {c.get('seed')}: "
+                     f"`{c.get('command', 'no command recorded')}`")
+    return lines or [f"- {NOT_RUN}"]
+
+
+def plots(results: Path, runs: list[dict], here: Path) -> list[str]:
+    """Draw results/plots/train-<task>.png and cem-<task>.png; return their markdown links."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [NO_MATPLOTLIB]
+    folder, lines = results / "plots", []
+    folder.mkdir(parents=True, exist_ok=True)
+    for task in sorted({r["config"].get("task") for r in runs if r["log"]}):
+        mine = [r for r in runs if r["config"].get("task") == task and r["log"]]
+        panels = [("val_accuracy", "validation accuracy")] + [
+            (key, label) for key, label in (("reward", "mean reward"), ("loss", "loss"))
+            if any(key in s for r in mine for s in r["log"])]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels):
+            for i, r in enumerate(mine):  # one colour per run in every panel
+                points = [(s["step"], s[key]) for s in r["log"] if key in s]
+                if points:
+                    how = f"{r['config'].get('method', 'svf')}/{r['config'].get('objective', 'reinforce')}"
+                    ax.plot(*zip(*points), color=f"C{i}", marker="o", markersize=3 if key == "val_accuracy" else 1.5,
+                            label=f"{r['name']} ({how})")
+            ax.set(xlabel="step", ylabel=label, title=f"{task}: {label}")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / f"train-{task}.png", dpi=100)
+        plt.close(fig)
+        lines.append(f"![training curves of {task}]({rel(folder / f'train-{task}.png', here)})")
+    for path in sorted((results / "eval" / "fewshot").glob("*/fewshot.json")):
+        history, task = (read_json(path) or {}).get("history"), path.parent.name
+        if not history:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        gens = [g["generation"] for g in history]
+        ax.plot(gens, [g["best"][0] for g in history], marker="o", label="best")
+        ax.plot(gens, [g["population_mean"][0] for g in history], marker="o", label="population mean")
+        ax.set(xlabel="CEM generation", ylabel="shot accuracy", title=f"{task}: few-shot CEM search")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / f"cem-{task}.png", dpi=100)
+        plt.close(fig)
+        lines.append(f"![CEM search on {task}]({rel(folder / f'cem-{task}.png', here)})")
+    return lines or ["no training logs or CEM histories to plot"]
+
+
+def main(results: str, out: str, experts: str, adapters: str) -> None:
+    results_dir, out_path = Path(results), Path(out)
+    here = out_path.resolve().parent
+    runs = train_runs(results_dir)
+    extra = {t: training_lines(t, Path(experts), Path(adapters), results_dir, runs, here) for t in TRAIN_TASKS}
+    doc = [
+        f"_Generated by `python results.py` from {rel(results_dir.resolve(), here)}/: do not edit by hand, "
+        "rerun it._", "",
+        "# Results", "",
+        "Each cell: accuracy (correct/n) [95% Wilson interval, in %]. Under each table, every method against "
+        "the base model on the same problems (paired by id; exact two-sided McNemar test on the problems "
+        "where they disagree; p >= 0.05 is within noise).", "",
+        "## Table 1: training tasks (held-out test splits)", "",
+        *table(results_dir, TRAIN_TASKS, TABLE1, extra), "",
+        "## Table 2: unseen tasks", "",
+        "The LoRA baseline has no adaptation step, so its column is the adapter of the nearest training "
+        "domain: " + ", ".join(f"{NAMES[t]} <- adapter-{d}" for t, d in NEAREST.items()) + ".", "",
+        *table(results_dir, list(NEAREST), TABLE2, {}), "",
+        "## The first pass", "",
+        "Prompt and cls dispatch: the share of problems labelled with the task's own domain, and the first "
+        "pass's time as a share of the second (paper, Table 3).", "",
+        *routing_lines(results_dir), "",
+        "Few-shot: the CEM search over the experts' mixing weights alpha on the task's shots.", "",
+        *fewshot_lines(results_dir), "",
+        "## How each number was made", "",
+        *command_lines(results_dir, runs), "",
+        "## Plots", "",
+        *plots(results_dir, runs, here), "",
+    ]
+    out_path.write_text("\n".join(doc))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # keeps the examples' line breaks and shows every default
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p.add_argument("--results", default=str(ROOT / "results"), help="folder that eval.py and train.py wrote into")
+    p.add_argument("--out", default=str(ROOT / "RESULTS.md"), help="the markdown file to write")
+    p.add_argument("--experts", default=str(ROOT / "experts"), help="folder of the shipped SVF experts")
+    p.add_argument("--adapters", default=str(ROOT / "adapters"), help="folder of the shipped LoRA adapters")
+    main(**vars(p.parse_args()))

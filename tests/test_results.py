@@ -1,0 +1,182 @@
+"""results.py: tables from a fake results tree (no torch, no model), McNemar by hand, safetensors read by hand."""
+import contextlib
+import json
+import math
+import struct
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+import results
+
+
+def write_summary(folder: Path, correct: list[bool], ids: list[str], **extra) -> None:
+    """summary.json and responses.jsonl as eval.py writes them (only the keys results.py reads)."""
+    folder.mkdir(parents=True)
+    n, k = len(correct), sum(correct)
+    summary = {"task": folder.name, "strategy": folder.parent.name, "split": "test", "n": n, "correct": k,
+               "accuracy": k / n, "ci95": [0.11111, 0.22222], "no_answer": 0, "answer_distribution": None,
+               "first_pass_s": 0.0, "second_pass_s": 60.0, "limit": n, "seed": 0,
+               "command": f"python eval.py --task {folder.name} --strategy {folder.parent.name}", **extra}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "responses.jsonl").write_text("".join(json.dumps({"id": i, "correct": c}) + "\n"
+                                                    for i, c in zip(ids, correct)))
+
+
+def write_safetensors(path: Path, shapes: dict[str, list[int]], meta: dict) -> None:
+    """A float32 safetensors file written by hand: 8-byte little-endian header length, JSON header, zeros."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"meta": json.dumps(meta)}
+    raw = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """GSM8K: base 10/40, SVF 16/40 on the same 40 ids (8 better, 2 worse); LoRA on other ids.
+    ARC-Easy base only, with an answer distribution. One SVF training run of gsm8k, shipped files."""
+    ev = tmp_path / "results" / "eval"
+    ids = [f"q{i}" for i in range(40)]
+    base = [i < 10 for i in range(40)]                    # q0..q9 right
+    svf = [(i < 8) or (10 <= i < 18) for i in range(40)]  # loses q8, q9; gains q10..q17
+    write_summary(ev / "base" / "gsm8k", base, ids)
+    write_summary(ev / "expert-gsm8k" / "gsm8k", svf, ids)
+    write_summary(ev / "adapter-gsm8k" / "gsm8k", base, [f"other{i}" for i in range(40)])
+    write_summary(ev / "base" / "arc_easy", [True, False], ["a", "b"], answer_distribution={"C": 2})
+    run = tmp_path / "results" / "train" / "gsm8k-svf-mlp-seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"task": "gsm8k", "method": "svf", "objective": "reinforce",
+                                                 "steps": 2, "lr": 0.002, "seed": 0,
+                                                 "command": "python train.py --task gsm8k"}))
+    (run / "log.jsonl").write_text(json.dumps({"step": 1, "reward": -0.5, "t_step": 100.0}) + "\n" +
+                                   json.dumps({"step": 2, "reward": 0.0, "t_step": 140.0, "val_accuracy": 0.3,
+                                               "t_val": 60.0}) + "\n")
+    other = run.parent / "gsm8k-other-lr"  # same task and method, other settings: not the shipped expert's run
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"task": "gsm8k", "method": "svf", "lr": 0.01, "steps": 1,
+                                                   "seed": 0, "command": "python train.py --lr 0.01"}))
+    (other / "log.jsonl").write_text(json.dumps({"step": 1, "reward": 0.5, "t_step": 7.0}) + "\n")
+    write_summary(ev / "prompt" / "arc_challenge", [True, False, True, True], ["c1", "c2", "c3", "c4"],
+                  routing_accuracy=0.75, first_pass_s=15.0, experts={"arc_easy": 3, "base": 1})
+    fewshot = ev / "fewshot" / "arc_challenge"
+    write_summary(fewshot, [True, True], ["c5", "c6"])
+    (fewshot / "fewshot.json").write_text(json.dumps({
+        "experts": ["gsm8k", "mbpp", "arc_easy"], "per_layer": False, "alpha": [0.1, 0.2, 0.7],
+        "best": [0.8, -1.5], "shots": ["s1", "s2"], "population": 4,
+        "history": [{"generation": g, "best": [0.5 + 0.1 * g, -1.5], "population_mean": [0.4, -2.0],
+                     "seconds": 30.0} for g in (1, 2, 3)]}))
+    write_safetensors(tmp_path / "experts" / "gsm8k.safetensors", {"a.z": [576], "b.z": [1536]},
+                      {"task": "gsm8k", "method": "svf", "step": 2, "val_accuracy": 0.3, "trainable": 123456,
+                       "config": {"task": "gsm8k", "method": "svf", "lr": 0.002}})
+    write_safetensors(tmp_path / "adapters" / "gsm8k.safetensors", {"a.A": [16, 576], "a.B": [576, 16]},
+                      {"task": "gsm8k", "method": "lora"})  # no "trainable": counted from the shapes
+    return tmp_path
+
+
+def make(tree: Path, plots: bool = False) -> str:
+    """RESULTS.md of the tree; without plots unless asked (drawing takes a second a test)."""
+    out = tree / "RESULTS.md"
+    hide = contextlib.nullcontext() if plots else mock.patch.dict(sys.modules, {"matplotlib": None})
+    with hide:  # a None in sys.modules makes `import matplotlib` raise ImportError
+        results.main(results=str(tree / "results"), out=str(out), experts=str(tree / "experts"),
+                     adapters=str(tree / "adapters"))
+    return out.read_text()
+
+
+def row(text: str, task: str) -> list[str]:
+    """The cells of a table row (the first table that has the task)."""
+    line = next(l for l in text.splitlines() if l.startswith(f"| {task} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_cells_show_counts_and_the_saved_interval(tree):
+    text = make(tree)
+    assert text.splitlines()[0].startswith("_Generated by `python results.py`")
+    assert row(text, "GSM8K") == ["25.0% (10/40) [11.1, 22.2]", "25.0% (10/40) [11.1, 22.2]",
+                                  "40.0% (16/40) [11.1, 22.2]"]
+    assert row(text, "ARC-Easy")[0] == "50.0% (1/2) [11.1, 22.2]"
+    assert "answers, base: C 2" in text
+
+
+def test_missing_runs_show_not_run(tree):
+    text = make(tree)
+    assert row(text, "MBPP") == ["not run"] * 3
+    assert row(text, "HumanEval") == ["not run"] * 5
+    assert [c == "not run" for c in row(text, "ARC-Challenge")] == [True, True, False, True, False]
+    assert row(text, "ARC-Easy")[1:] == ["not run"] * 2
+    assert "%" not in "".join(row(text, "MATH"))
+    empty = tree / "nothing"  # no results, experts or adapters at all
+    empty.mkdir()
+    assert "%" not in "".join(row(make(empty), "GSM8K"))
+
+
+def test_mcnemar_matches_a_hand_computation(tree):
+    hand = 2 * sum(math.comb(10, k) for k in range(3)) / 2 ** 10
+    assert hand == 0.109375 and results.mcnemar_p(8, 2) == hand == results.mcnemar_p(2, 8)
+    assert results.mcnemar_p(0, 0) == 1.0 and results.mcnemar_p(5, 5) == 1.0
+    assert results.mcnemar_p(0, 10) == 2 / 2 ** 10
+    text = make(tree)
+    assert "SVF vs base: +15.0 points (8 better, 2 worse), McNemar p = 0.109, within noise" in text
+
+
+def test_significant_difference_is_not_called_noise():
+    assert results.mcnemar_p(20, 2) < 0.05  # 2 * (1 + 22 + 231) / 2^22
+    assert results.mcnemar_p(20, 2) == 2 * (1 + 22 + 231) / 2 ** 22
+
+
+def test_different_problem_sets_are_not_compared(tree):
+    assert "LoRA vs base: different problem sets, not compared" in make(tree)
+
+
+def test_trainable_counts_from_metadata_or_shapes(tree):
+    text = make(tree)
+    assert "SVF: 123,456 trainable numbers" in text  # the metadata's count, not the shapes' 2,112
+    assert "LoRA: 18,432 trainable numbers" in text  # 2 * 16 * 576 from the shapes
+    assert results.safetensors_meta(tree / "adapters" / "gsm8k.safetensors")["trainable"] == 18432
+    assert results.safetensors_meta(tree / "adapters" / "missing.safetensors") is None
+
+
+def test_training_time_and_commands(tree):
+    text = make(tree)
+    assert "SVF training time: 5 min (gsm8k-svf-mlp-seed0: 2 steps logged)" in text  # 100 + 140 + 60 s
+    assert "(gsm8k-other-lr" not in text  # the run whose settings the expert's metadata does not name
+    assert "LoRA training time: no run of gsm8k" in text
+    assert "`python train.py --task gsm8k`" in text
+    assert "expert-gsm8k/gsm8k: n 40, seed 0: `python eval.py --task gsm8k --strategy expert-gsm8k`" in text
+
+
+def test_plots_without_matplotlib(tree):
+    text = make(tree, plots=False)
+    assert results.NO_MATPLOTLIB in text
+    assert not (tree / "results" / "plots").exists()
+
+
+def test_plots_with_matplotlib(tree):
+    pytest.importorskip("matplotlib")
+    text = make(tree, plots=True)
+    png = tree / "results" / "plots" / "train-gsm8k.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](results/plots/train-gsm8k.png)" in text
+
+
+def test_first_pass_and_fewshot_tables(tree):
+    text = make(tree)
+    assert "| ARC-Challenge | prompt | 75.0% | arc_easy 3, base 1 | 15 s | 60 s | 25.0% |" in text
+    assert "| ARC-Challenge | cls | not run |" in text
+    assert "| ARC-Challenge | 3 | 4 | 30 s | 90 s | 80% on 2 shots | gsm8k 0.10, mbpp 0.20, arc_easy 0.70 |" in text
+    assert "| MATH | not run |" in text
+    assert "prompt vs base: base not run" in text
+
+
+def test_cem_plot(tree):
+    pytest.importorskip("matplotlib")
+    text = make(tree, plots=True)
+    assert (tree / "results" / "plots" / "cem-arc_challenge.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](results/plots/cem-arc_challenge.png)" in text
