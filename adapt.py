@@ -212,14 +212,18 @@ def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 
     return best, history
 
 
-def pick_shots(task_name: str, split: str, problems: list[dict], k: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """k seeded shots for task_name, and `problems` (the split evaluated) without them.
+def pick_shots(task_name: str, split: str, problems: list[dict], k: int, seed: int,
+               spare: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """k seeded shots for task_name, and `problems` (the problems to score) without them.
 
     The shots come from the task's train split when it has one and that is not the split evaluated
-    (ARC-Challenge), else from the evaluated split itself (HumanEval, MATH). Either way no shot,
-    by id or by question text, stays among the problems that are scored."""
-    source = "train" if "train" in data.SPLITS[task_name] and split != "train" else split
-    pool = problems if source == split else data.load(task_name, source)
+    (ARC-Challenge); else from `spare`, problems of the evaluated split that are not scored, when
+    it holds k (a --limit subset of MATH); else from the scored problems themselves (all of
+    HumanEval). Either way no shot, by id or by question text, stays among the problems scored."""
+    if "train" in data.SPLITS[task_name] and split != "train":
+        source, pool = "train", data.load(task_name, "train")
+    else:
+        source, pool = split, spare if spare and len(spare) >= k else problems
     if k > len(pool):
         raise ValueError(f"{k} shots asked, but {task_name} {source} has {len(pool)} problems")
     shots = random.Random(seed).sample(pool, k)

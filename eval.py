@@ -168,10 +168,12 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
                   seed: int, batch_size: int, max_new_tokens: int, workers: int, out_dir: Path, command: str,
                   shots: int, generations: int, population: int, per_layer: bool, classify: str) -> dict:
     task = data.TASKS[task_name]
-    problems, shot_problems = data.load(task_name, split), []
-    if strategy == "fewshot":  # the shots first, so that the scored subset never holds one
-        shot_problems, problems = adapt.pick_shots(task_name, split, problems, shots, seed)
-    problems = subset(problems, limit, seed)
+    every = data.load(task_name, split)
+    problems, shot_problems = subset(every, limit, seed), []
+    if strategy == "fewshot":  # shots from outside the scored subset when possible: the same problems as base
+        scored = {p["id"] for p in problems}
+        spare = [p for p in every if p["id"] not in scored]
+        shot_problems, problems = adapt.pick_shots(task_name, split, problems, shots, seed, spare)
     out = out_dir / strategy.replace(":", "-").replace("/", "_") / task_name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

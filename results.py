@@ -109,12 +109,15 @@ def compare(name: str, base: dict | None, other: dict | None) -> str:
             for run in (base, other))
     if not a or not b:
         return f"{name} vs base: not compared (responses.jsonl missing)"
-    if set(a) != set(b):
+    shared = set(a) & set(b)
+    if not (set(b) <= set(a) or set(a) <= set(b)):
         return f"{name} vs base: different problem sets, not compared"
-    better = sum(b[i] and not a[i] for i in a)
-    worse = sum(a[i] and not b[i] for i in a)
+    # fewshot on a whole set (HumanEval) scores it less its shots: compare on the problems both scored
+    on = "" if set(a) == set(b) else f" on the {len(shared)} problems both scored"
+    better = sum(b[i] and not a[i] for i in shared)
+    worse = sum(a[i] and not b[i] for i in shared)
     p = mcnemar_p(better, worse)
-    return (f"{name} vs base: {100 * (better - worse) / len(a):+.1f} points ({better} better, {worse} worse), "
+    return (f"{name} vs base{on}: {100 * (better - worse) / len(shared):+.1f} points ({better} better, {worse} worse), "
             f"McNemar p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}" + (", within noise" if p >= 0.05 else ""))
 
 

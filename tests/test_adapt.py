@@ -194,8 +194,15 @@ def test_shots_never_appear_among_the_scored_problems(task_name, source):
     if source == "test":
         assert len(scored) == len(problems) - 10
     assert adapt.pick_shots(task_name, "test", problems, 10, seed=0)[0] == shots  # seeded
-    scored_subset = evaluation.subset(scored, 50, 0)  # eval.py subsets after removing the shots
-    assert not {s["id"] for s in shots} & {p["id"] for p in scored_subset}
+    # with a --limit subset, eval.py draws same-split shots from the problems left out of it, so the
+    # scored set is exactly the subset the other strategies score
+    subset = evaluation.subset(problems, 50, 0)
+    spare = [p for p in problems if p["id"] not in {q["id"] for q in subset}]
+    shots, scored = adapt.pick_shots(task_name, "test", subset, 10, seed=0, spare=spare)
+    assert not {s["id"] for s in shots} & {p["id"] for p in scored}
+    assert not {adapt.normalise(s["question"]) for s in shots} & {adapt.normalise(p["question"]) for p in scored}
+    assert {s["id"] for s in shots} <= {p["id"] for p in (spare if source == "test" else data.load(task_name, source))}
+    assert len(scored) >= 48  # only a duplicate question text may leave the subset
 
 
 def test_fewshot_returns_the_mixture_of_its_best_alpha_and_saves_it(tmp_path):

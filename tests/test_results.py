@@ -135,6 +135,15 @@ def test_different_problem_sets_are_not_compared(tree):
     assert "LoRA vs base: different problem sets, not compared" in make(tree)
 
 
+def test_a_scored_subset_is_compared_on_the_problems_both_scored(tree):
+    # fewshot on a whole set scores it less its shots: base has c1..c4, fewshot c2..c4
+    ev = tree / "results" / "eval"
+    write_summary(ev / "base" / "humaneval", [False, False, False, True], ["c1", "c2", "c3", "c4"])
+    write_summary(ev / "fewshot" / "humaneval", [True, True, False], ["c2", "c3", "c4"])
+    text = make(tree)
+    assert "fewshot vs base on the 3 problems both scored: +33.3 points (2 better, 1 worse), McNemar p = 1.000" in text
+
+
 def test_trainable_counts_from_metadata_or_shapes(tree):
     text = make(tree)
     assert "SVF: 123,456 trainable numbers" in text  # the metadata's count, not the shapes' 2,112
