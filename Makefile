@@ -2,9 +2,10 @@
 # make test      run the test suite (tiny models, the real default model, data and sandbox)
 # make quickstart  setup, then the main job: evaluate the model on 100 ARC-Challenge problems
 # make bench     the performance benchmarks (ratios against transformers and the machine)
+# make results   RESULTS.md and its plots from the saved runs in results/
 PYTHON ?= python3
 
-.PHONY: setup test quickstart bench data
+.PHONY: setup test quickstart bench data results
 
 setup:
 	$(PYTHON) -m pip install --quiet -r requirements-test.txt
@@ -21,3 +22,6 @@ bench:
 
 data:
 	$(PYTHON) -m data prepare
+
+results:
+	$(PYTHON) results.py

@@ -57,7 +57,7 @@ class Sizes:
     decode_tokens: int = 64    # new tokens of the decode-speed runs (batch 1 and 16)
     prefill_rows: int = 4      # prefill: one forward of rows x length tokens
     prefill_len: int = 128
-    agree_prompts: int = 32    # task prompts of the bfloat16-vs-float32 agreement (batch 16)
+    agree_prompts: int = 256   # task prompts of the bfloat16-vs-float32 agreement (batch 16)
     agree_tokens: int = 32     # new tokens compared per prompt
     mem_tokens: int = 256      # new tokens of the peak-memory runs (batch 16)
     train_prompts: int = 4     # one REINFORCE step: prompts x samples x new tokens, on gsm8k train
@@ -589,8 +589,7 @@ if __name__ == "__main__":
                         "in this file) instead of the full run's (FULL)")
     p.add_argument("--agree-prompts", type=int, default=None,
                    help=f"task prompts for the bfloat16-vs-float32 greedy agreement (None: {FULL.agree_prompts}, "
-                        f"or {QUICK.agree_prompts} with --quick); bfloat16 at batch 16 is slow on CPUs without "
-                        "bfloat16 instructions, so 200 take tens of minutes")
+                        f"or {QUICK.agree_prompts} with --quick)")
     p.add_argument("--json", dest="json_out", metavar="OUT", default=None,
                    help="also write every figure, the config and the machine's load average to this JSON file")
     p.add_argument("--seed", type=int, default=0,

@@ -49,13 +49,20 @@ class ModelArgs:
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w^T + b, with the few-row products of token-by-token decoding computed as w @ x^T.
+    """x @ w^T + b, with two CPU kernel choices that only change the speed (bench.py measures both):
 
-    Same numbers, different kernel: on CPU (MKL), x @ w^T with 2-32 rows runs 1.4-2.2x slower
-    than w @ x^T (bench.py). The result is made contiguous again so attention keeps its fast path.
+    - the few-row products of token-by-token decoding (2-32 rows) as w @ x^T: with MKL, x @ w^T
+      runs 1.4-2.2x slower. The result is made contiguous again so attention keeps its fast path.
+    - 16-bit products of 16 rows or more (prefill, batches) in float32: CPUs without bfloat16
+      instructions (AVX2) run them 4-5x slower than float32. The weights stay 16-bit in memory,
+      and both kernels accumulate in float32.
     """
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows == 1 or rows > 32 or torch.is_grad_enabled() and x.requires_grad:
+    if x.device.type != "cpu" or rows == 1:
+        return F.linear(x, w, b)
+    if x.dtype in (torch.bfloat16, torch.float16) and rows >= 16:
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    if rows > 32 or torch.is_grad_enabled() and x.requires_grad:
         return F.linear(x, w, b)
     y = (w @ x.reshape(rows, -1).t()).t().contiguous().reshape(*x.shape[:-1], -1)  # (..., out)
     return y if b is None else y + b
