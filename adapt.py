@@ -236,15 +236,12 @@ def pick_shots(task_name: str, split: str, problems: list[dict], k: int, seed: i
 def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                 micro_batch: int = 4) -> float:
     """Mean over responses of the per-token mean log p(response | prompt). Micro-batches bound the
-    (rows, R, vocab) logits in memory (a MATH solution is hundreds of tokens)."""
+    (tokens, vocab) logits in memory (a MATH solution is hundreds of tokens)."""
     means = []
     for i in range(0, len(prompts), micro_batch):
-        tokens, pad, targets, mask = rl.pack(prompts[i:i + micro_batch], responses[i:i + micro_batch], pad_id)
-        logits = rl.response_logits(model, tokens, pad, targets.shape[1])                 # (b, R, vocab)
-        dev = logits.device
-        logp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None]).squeeze(-1)
-        mask = mask.to(dev)
-        means += ((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        rs = responses[i:i + micro_batch]
+        logp = reply_logprobs(model, prompts[i:i + micro_batch], [[r] for r in rs], pad_id)
+        means += [lp.item() / max(len(r), 1) for lp, r in zip(logp, rs)]
     return sum(means) / len(means)
 
 

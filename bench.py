@@ -436,11 +436,13 @@ def forward_backward(model, prompts, comps, pad_id: int, micro_batch: int, targe
     weights = [model.get_submodule(n).weight for n in svf.target_names(model, targets)]
     for w in weights:
         w.requires_grad_(True)
-    for i in range(0, len(prompts), micro_batch):
-        tokens, pad, tgt, mask = rl.pack(prompts[i:i + micro_batch], [c.tokens for c in comps[i:i + micro_batch]],
-                                         pad_id)
-        logits = rl.response_logits(model, tokens, pad, tgt.shape[1])
-        logp = torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).squeeze(-1) * mask
+    for i in range(0, len(prompts), micro_batch):  # plain rows, prompt + response, left-padded
+        rows = [p + c.tokens for p, c in zip(prompts[i:i + micro_batch], comps[i:i + micro_batch])]
+        R = max(len(c.tokens) for c in comps[i:i + micro_batch])
+        tokens, pad = left_pad(rows, pad_id, "cpu")
+        logits = model(tokens, pad, last=R + 1)[:, :-1]                                   # (b, R, vocab)
+        mask = torch.tensor([[j >= R - len(c.tokens) for j in range(R)] for c in comps[i:i + micro_batch]])
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, -R:, None]).squeeze(-1) * mask
         (-logp.sum() / len(prompts)).backward()
     for w in weights:
         w.grad = None

@@ -279,14 +279,15 @@ def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | 
 
 
 # ----------------------------------------------------------------------------- scoring replies
-def reply_logprobs(model: Transformer, prompts: list[list[int]], replies: list[list[list[int]]],
-                   pad_id: int) -> list[torch.Tensor]:
-    """log p(reply | prompt) of every reply of every prompt: one (L_b,) tensor per prompt b.
+def reply_logits(model: Transformer, prompts: list[list[int]], replies: list[list[list[int]]],
+                 pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits that predict every token of every reply of every prompt, in one forward pass.
 
-    One forward pass, differentiable (the trainer's multiple-choice policy uses it). Each prompt
-    and its replies are packed into one row, [prompt, reply_1, ..., reply_L]: every reply sits at
-    the position ids right after the prompt and attends to the prompt and to itself only (a
-    tree-shaped mask), so the prompt is computed once rather than once per reply.
+    Each prompt and its replies are packed into one row, [prompt, reply_1, ..., reply_L]: every
+    reply sits at the position ids right after the prompt and attends to the prompt and to itself
+    only (a tree-shaped mask), so the prompt is computed once rather than once per reply. Returns
+    logits (N, vocab) for the N reply tokens, their targets (N,) and the reply each belongs to (N,),
+    replies numbered in order over all prompts. Differentiable: the trainer's losses use it.
     """
     dev = model.tok_embeddings.weight.device
     rows, pos, seg, picks = [], [], [], []          # picks: (row, index that predicts, target, reply number)
@@ -314,8 +315,16 @@ def reply_logprobs(model: Transformer, prompts: list[list[int]], replies: list[l
     mask |= torch.eye(T, dtype=torch.bool, device=dev)                          # padding sees itself
     h = model.hidden(tokens, positions, mask[:, None])                          # (B, T, dim)
     b, at, target, reply = (torch.tensor(c, device=dev) for c in zip(*picks))
-    logp = torch.log_softmax(model.head(h[b, at]), -1).gather(-1, target[:, None]).squeeze(-1)
-    sums = torch.zeros(n_reply, dtype=logp.dtype, device=dev).index_add(0, reply, logp)
+    return model.head(h[b, at]), target, reply                                  # only the N rows needed
+
+
+def reply_logprobs(model: Transformer, prompts: list[list[int]], replies: list[list[list[int]]],
+                   pad_id: int) -> list[torch.Tensor]:
+    """log p(reply | prompt) of every reply of every prompt: one (L_b,) tensor per prompt b."""
+    logits, target, reply = reply_logits(model, prompts, replies, pad_id)
+    logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).squeeze(-1)   # (N,)
+    n = sum(len(rs) for rs in replies)
+    sums = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, reply, logp)
     return list(sums.split([len(rs) for rs in replies]))
 
 

@@ -30,7 +30,7 @@ import torch
 import data
 import lora
 import svf
-from model import Transformer, generate_all, left_pad, reply_logprobs
+from model import Transformer, generate_all, reply_logits, reply_logprobs
 
 
 @dataclass
@@ -110,25 +110,6 @@ def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
     raise ValueError(f"unknown baseline {baseline!r}: choose none, mean or loo")
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-    """Left-padded prompt+response rows, their pad counts, and a mask of response tokens.
-
-    Rows end together, so the responses occupy the last R slots: tokens (B, L), pad (B,),
-    targets (B, R) the response tokens right-aligned, mask (B, R) True where a token is real.
-    """
-    tokens, pad = left_pad([p + r for p, r in zip(prompts, responses)], pad_id, "cpu")
-    R = max(len(r) for r in responses)
-    targets = tokens[:, -R:]
-    mask = torch.tensor([[j >= R - len(r) for j in range(R)] for r in responses])
-    return tokens, pad, targets, mask
-
-
-def response_logits(model: Transformer, tokens, pad, R: int) -> torch.Tensor:
-    """Logits that predict the last R tokens of each row: (B, R, vocab)."""
-    dev = model.tok_embeddings.weight.device
-    return model(tokens.to(dev), pad.to(dev), last=R + 1)[:, :-1]
-
-
 def exact_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
     """KL(pi_z || pi_base) per token, summed over the whole vocabulary: (B, R).
 
@@ -139,28 +120,32 @@ def exact_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def reinforce_loss(model: Transformer, z: dict, tokens, pad, targets, mask, adv: torch.Tensor,
-                   kl_coef: float, n_total: int, generator=None) -> tuple[torch.Tensor, dict]:
+def reinforce_loss(model: Transformer, z: dict, prompts: list[list[int]], samples: list[list[list[int]]],
+                   adv: torch.Tensor, kl_coef: float, n_total: int, pad_id: int,
+                   generator=None) -> tuple[torch.Tensor, dict]:
     """-sum_i A_i * log pi_z(y_i|x_i) / N  +  lambda * (mean KL per response token) for one micro-batch.
 
-    The sequence log-prob is the sum over its tokens (the plain REINFORCE estimator). Dividing by
-    n_total (all sequences of the step) makes accumulated micro-batch gradients equal one big batch.
+    prompts: one per problem; samples: the responses of each (token lists); adv: one advantage per
+    response, in the same order. The sequence log-prob is the sum over its tokens (the plain
+    REINFORCE estimator). Dividing by n_total (all responses of the step) makes accumulated
+    micro-batch gradients equal one big batch. Each prompt is computed once for all its samples
+    (model.reply_logits packs them into one row).
     """
-    dev = model.tok_embeddings.weight.device
-    targets, mask, adv = targets.to(dev), mask.to(dev), adv.to(dev)
-    R = targets.shape[1]
-    kl = torch.zeros((), device=dev)
     if kl_coef:
         train_mode(model, None)  # the base model pi_base: z = 1, no gradients
         with torch.no_grad():
-            base_logits = response_logits(model, tokens, pad, R)
+            base_logits = reply_logits(model, prompts, samples, pad_id)[0]
     train_mode(model, z, generator)
-    logits = response_logits(model, tokens, pad, R)
-    token_logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
-    pg = -(adv * token_logp.sum(1)).sum() / n_total
+    logits, targets, which = reply_logits(model, prompts, samples, pad_id)          # (N, vocab), (N,), (N,)
+    dev = logits.device
+    n = sum(len(s) for s in samples)
+    per_response = lambda per_token: torch.zeros(n, dtype=per_token.dtype, device=dev).index_add(0, which, per_token)
+    token_logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    pg = -(adv.to(dev) * per_response(token_logp)).sum() / n_total
+    kl = torch.zeros((), device=dev)
     if kl_coef:
-        kl_tok = exact_kl(logits, base_logits) * mask
-        kl = (kl_tok.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_total  # mean per token, mean over sequences
+        lengths = per_response(torch.ones_like(token_logp)).clamp(min=1)
+        kl = (per_response(exact_kl(logits, base_logits)) / lengths).sum() / n_total  # mean per token, per response
     return pg + kl_coef * kl, {"pg": pg.item(), "kl": kl.item()}
 
 
@@ -183,27 +168,31 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     repeated = [p for p in problems for _ in range(cfg.samples)]
     correct = task.score_many(repeated, [c.text for c in comps])
     rewards = torch.tensor(correct, dtype=torch.float32) * 2 - 1                       # +1 / -1
-    adv = advantages(rewards.view(len(problems), cfg.samples), cfg.baseline).flatten()
+    adv = advantages(rewards.view(len(problems), cfg.samples), cfg.baseline)           # (problems, samples)
     t2 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     parts = {"pg": 0.0, "kl": 0.0}
-    keep = [i for i in range(len(comps)) if adv[i] != 0 or cfg.kl_coef]  # zero advantage, no KL: no gradient
-    for i in range(0, len(keep), cfg.micro_batch):
-        idx = keep[i:i + cfg.micro_batch]
-        tokens, pad, targets, mask = pack([prompts[j] for j in idx], [comps[j].tokens for j in idx], tokenizer.pad_id)
-        loss, p = reinforce_loss(model, z, tokens, pad, targets, mask, adv[idx], cfg.kl_coef, len(comps), generator)
+    # a response with zero advantage and no KL term has no gradient: leave it out
+    keep = [[s for s in range(cfg.samples) if adv[i, s] != 0 or cfg.kl_coef] for i in range(len(problems))]
+    groups = [i for i in range(len(problems)) if keep[i]]
+    per_micro = max(1, cfg.micro_batch // cfg.samples)                                  # problems per micro-batch
+    for g in range(0, len(groups), per_micro):
+        idx = groups[g:g + per_micro]
+        samples = [[comps[i * cfg.samples + s].tokens for s in keep[i]] for i in idx]
+        loss, p = reinforce_loss(model, z, [prompts[i * cfg.samples] for i in idx], samples,
+                                 torch.cat([adv[i, keep[i]] for i in idx]), cfg.kl_coef, len(comps),
+                                 tokenizer.pad_id, generator)
         loss.backward()
         parts = {k: parts[k] + p[k] for k in parts}
     train_mode(model, None)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item() if keep else 0.0
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item() if groups else 0.0
     t3 = time.perf_counter()
-    if keep:
+    if groups:
         opt.step()
     n_tokens = sum(len(c.tokens) for c in comps)
-    groups = rewards.view(len(problems), cfg.samples)
     return {"reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct), **parts,
             "grad_norm": grad_norm, "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
-            "agree_share": (groups.std(1) == 0).float().mean().item(),  # prompts whose samples all agree
+            "agree_share": (rewards.view(len(problems), -1).std(1) == 0).float().mean().item(),  # all samples agree
             "tokens": n_tokens, "rollout_tok_s": n_tokens / (t1 - t0), "t_rollout": t1 - t0,
             "t_score": t2 - t1, "t_backward": t3 - t2, "t_step": time.perf_counter() - t0}
 
@@ -298,11 +287,8 @@ def sft_step(model, tokenizer, task, problems, params, opt, cfg: TrainConfig, ge
     loss_sum = 0.0
     for i in range(0, len(pairs), cfg.micro_batch):
         prompts, responses = zip(*pairs[i:i + cfg.micro_batch])
-        tokens, pad, targets, mask = pack(list(prompts), list(responses), tokenizer.pad_id)
-        logits = response_logits(model, tokens, pad, targets.shape[1])                    # (b, R, vocab)
-        dev = logits.device
-        logp = torch.log_softmax(logits, -1).gather(-1, targets.to(dev)[..., None]).squeeze(-1)
-        loss = -(logp * mask.to(dev)).sum() / n_tokens
+        logp = reply_logprobs(model, list(prompts), [[r] for r in responses], tokenizer.pad_id)  # [(1,), ...]
+        loss = -torch.cat(logp).sum() / n_tokens
         loss.backward()
         loss_sum += loss.item()
     train_mode(model, None)

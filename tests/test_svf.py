@@ -18,10 +18,11 @@ def tiny_model(dtype=torch.float64, seed=0) -> Transformer:
 
 
 def tiny_batch(seed=0):
+    """Two prompts, the first with two sampled responses and the second with one."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, 64, (n,), generator=g).tolist() for n in (5, 9, 3)]
-    responses = [torch.randint(2, 64, (n,), generator=g).tolist() for n in (4, 2, 6)]
-    return rl.pack(prompts, responses, pad_id=0)
+    prompts = [torch.randint(2, 64, (n,), generator=g).tolist() for n in (5, 9)]
+    samples = [[torch.randint(2, 64, (n,), generator=g).tolist() for n in ns] for ns in ((4, 2), (6,))]
+    return prompts, samples
 
 
 def test_compose_with_ones_is_the_weight_and_count():
@@ -128,24 +129,48 @@ def test_kl_is_zero_at_identity_positive_otherwise_and_matches_torch():
 def test_kl_term_of_the_loss_is_zero_at_z_one():
     model = tiny_model()
     svf.attach(model, svf.decompose(model, "mlp", cache=False))
-    tokens, pad, targets, mask = tiny_batch()
+    prompts, samples = tiny_batch()
     z = {n: v.requires_grad_() for n, v in svf.ones(model).items()}
-    _, parts = rl.reinforce_loss(model, z, tokens, pad, targets, mask, torch.zeros(3, dtype=torch.float64), 0.5, 3)
+    _, parts = rl.reinforce_loss(model, z, prompts, samples, torch.zeros(3, dtype=torch.float64), 0.5, 3, pad_id=0)
     assert abs(parts["kl"]) < 1e-12
     z = {n: (1 + 0.2 * torch.randn_like(v)).requires_grad_() for n, v in z.items()}
-    _, parts = rl.reinforce_loss(model, z, tokens, pad, targets, mask, torch.zeros(3, dtype=torch.float64), 0.5, 3)
+    _, parts = rl.reinforce_loss(model, z, prompts, samples, torch.zeros(3, dtype=torch.float64), 0.5, 3, pad_id=0)
     assert parts["kl"] > 1e-6
+
+
+def test_reinforce_loss_equals_a_plain_computation():
+    """The packed loss against one unpadded forward pass per (prompt, response), base and adapted."""
+    model = tiny_model()
+    svf.attach(model, svf.decompose(model, "mlp", cache=False))
+    prompts, samples = tiny_batch(1)
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    z = {n: 1 + 0.2 * torch.randn_like(v) for n, v in svf.ones(model).items()}
+    loss, parts = rl.reinforce_loss(model, z, prompts, samples, adv, 0.3, 5, pad_id=0)
+    pairs = [(p, r) for p, rs in zip(prompts, samples) for r in rs]
+    pg = kl = 0.0
+    with torch.no_grad():
+        for a, (p, r) in zip(adv, pairs):
+            row = torch.tensor([p + r])
+            svf.use_expert(model, z)
+            logp_z = torch.log_softmax(model(row)[0, len(p) - 1:-1], -1)              # (len(r), vocab)
+            svf.use_expert(model, None)
+            logp_b = torch.log_softmax(model(row)[0, len(p) - 1:-1], -1)
+            pg -= a * logp_z.gather(-1, torch.tensor(r)[:, None]).sum() / 5
+            kl += (logp_z.exp() * (logp_z - logp_b)).sum(-1).mean() / 5              # KL(pi_z || pi_base)
+    torch.testing.assert_close(torch.tensor([parts["pg"], parts["kl"]], dtype=torch.float64),
+                               torch.stack([pg, kl]).double(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(loss.double(), (pg + 0.3 * kl).double(), rtol=1e-9, atol=1e-12)
 
 
 def test_reinforce_gradient_matches_finite_differences():
     model = tiny_model()
     svf.attach(model, svf.decompose(model, "all", cache=False))
-    tokens, pad, targets, mask = tiny_batch()
+    prompts, samples = tiny_batch()
     adv = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
     z0 = {n: 1 + 0.1 * torch.randn_like(v) for n, v in svf.ones(model).items()}
 
     def loss_at(z):
-        return rl.reinforce_loss(model, z, tokens, pad, targets, mask, adv, 0.3, 3)[0]
+        return rl.reinforce_loss(model, z, prompts, samples, adv, 0.3, 3, pad_id=0)[0]
 
     z = {n: v.clone().requires_grad_() for n, v in z0.items()}
     loss_at(z).backward()
@@ -159,14 +184,6 @@ def test_reinforce_gradient_matches_finite_differences():
             with torch.no_grad():
                 fd = (loss_at(plus) - loss_at(minus)) / (2 * eps)
             assert abs(fd - z[name].grad[i]) < 1e-6 * max(1.0, abs(fd)), (name, i, fd, z[name].grad[i])
-
-
-def test_pack_aligns_responses_at_the_end():
-    tokens, pad, targets, mask = rl.pack([[5, 6], [7, 8, 9]], [[10, 11, 12], [13]], pad_id=0)
-    assert tokens.tolist() == [[5, 6, 10, 11, 12], [0, 7, 8, 9, 13]]
-    assert pad.tolist() == [0, 1]
-    assert targets.tolist() == [[10, 11, 12], [9, 8, 13]][:1] + [[8, 9, 13]]
-    assert mask.tolist() == [[True, True, True], [False, False, True]]
 
 
 @pytest.mark.real
