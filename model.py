@@ -147,7 +147,8 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (sequences that finished leave the batch)."""
+        """Keep these batch rows, in this order: finished sequences leave the batch, and a prompt
+        prefilled once is copied for each of its samples."""
         self.k, self.v = self.k[rows], self.v[rows]
 
 
@@ -386,12 +387,20 @@ def generate(model: Transformer, tokenizer, prompts: list[list[int]], max_new_to
     if longest >= ctx:
         raise ValueError(f"prompt of {longest} tokens does not fit the context length {ctx}")
     max_new_tokens = min(max_new_tokens, ctx - longest)
-    tokens, pad = left_pad(prompts, tokenizer.pad_id, device)
-    B, T = tokens.shape
-    no_pad = bool((pad == 0).all())
-    pad = None if no_pad else pad
-    cache = model.new_cache(B, T + max_new_tokens)
+    # identical prompts (a trainer's samples of one prompt) are prefilled once, then their rows copied
+    distinct: dict[tuple[int, ...], int] = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    tokens, pad = left_pad([list(p) for p in distinct], tokenizer.pad_id, device)
+    T = tokens.shape[1]
+    pad = None if bool((pad == 0).all()) else pad
+    cache = model.new_cache(len(distinct), T + max_new_tokens)
     logits = model(tokens, pad, cache, 0, last=1)[:, -1]       # prefill: the whole prompt at once
+    if len(distinct) < len(prompts):
+        copy = torch.tensor(row_of, device=device)
+        logits, pad = logits[copy], None if pad is None else pad[copy]
+        for layer_cache in cache:
+            layer_cache.keep_rows(copy)
+    B = len(prompts)
     out = [Completion([], "") for _ in prompts]
     rows = list(range(B))  # rows[i]: which prompt row i of the shrinking batch belongs to
     for step in range(max_new_tokens):

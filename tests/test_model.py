@@ -120,8 +120,8 @@ def test_packed_reply_logprobs_equal_one_plain_forward_per_reply(kind, tmp_path)
 def test_left_padded_batch_equals_each_prompt_alone_tiny(tmp_path):
     make_hf_checkpoint("mistral", tmp_path)  # sliding window and padding together
     model = load_model(tmp_path, device="cpu", dtype="float32")
-    prompts = [[3, 4, 5], [7] * 11, [9, 8, 7, 6, 5, 4, 3, 2, 10, 11, 12, 13, 14, 15]]
-    batch = generate(model, StubTokenizer(), prompts, 12)
+    prompts = [[3, 4, 5], [7] * 11, [9, 8, 7, 6, 5, 4, 3, 2, 10, 11, 12, 13, 14, 15], [3, 4, 5], [7] * 11]
+    batch = generate(model, StubTokenizer(), prompts, 12)  # the repeated prompts are prefilled once
     for p, c in zip(prompts, batch):
         [alone] = generate(model, StubTokenizer(), [p], 12)
         assert c.tokens == alone.tokens
