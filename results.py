@@ -121,6 +121,18 @@ def compare(name: str, base: dict | None, other: dict | None) -> str:
             f"McNemar p {'< 0.001' if p < 0.001 else f'= {p:.3f}'}" + (", within noise" if p >= 0.05 else ""))
 
 
+def answers(run: dict) -> str:
+    """The answer distribution, and what its most common answer would score if given every time: a gain
+    that comes from answering one letter is not a gain."""
+    dist = run["answer_distribution"]
+    text = ", ".join(f"{k} {v}" for k, v in dist.items())
+    top = next((k for k in dist if k != "(none)"), None)
+    rows = read_jsonl(run["dir"] / "responses.jsonl") or []
+    if top is None or not rows or "gold" not in rows[0]:
+        return text
+    return text + f" (answering {top} every time would score {sum(r.get('gold') == top for r in rows)}/{len(rows)})"
+
+
 def cell(run: dict | None) -> str:
     """"19.7% (118/600) [16.7, 23.0]": accuracy, counts and the 95% Wilson interval of summary.json."""
     if run is None:
@@ -151,8 +163,7 @@ def table(results: Path, tasks: list[str], columns: dict[str, str], extra: dict[
     lines += [f"| {NAMES[t]} | " + " | ".join(cell(runs[t][c]) for c in columns) + " |" for t in tasks]
     for t in tasks:
         notes = [compare(c.split(" (")[0], runs[t]["base"], r) for c, r in runs[t].items() if c != "base"]
-        notes += [f"answers, {c}: " + ", ".join(f"{k} {v}" for k, v in r["answer_distribution"].items())
-                  for c, r in runs[t].items() if r and r.get("answer_distribution")]
+        notes += [f"answers, {c}: {answers(r)}" for c, r in runs[t].items() if r and r.get("answer_distribution")]
         lines += ["", f"**{NAMES[t]}**", ""] + [f"- {n}" for n in notes + extra.get(t, [])]
     return lines
 
@@ -214,6 +225,25 @@ def fewshot_lines(results: Path) -> list[str]:
                      f"{duration(sum(seconds))} | {100 * report['best'][0]:.0f}% on {len(report.get('shots', []))} "
                      f"shots | {alphas}{' (mean over matrices)' if report.get('per_layer') else ''} |")
     return lines
+
+
+def other_lines(results: Path) -> list[str]:
+    """Every evaluation that no table shows (variants of an expert, other tasks), each against the base
+    model on the same task, with its answer distribution."""
+    shown = {(c.format(task=t), t) for t in TRAIN_TASKS for c in TABLE1.values()}
+    shown |= {(c.format(near=NEAREST[t]), t) for t in NEAREST for c in TABLE2.values()}
+    lines = []
+    for path in sorted((results / "eval").glob("*/*/summary.json")):
+        folder, task = path.parent.parent.name, path.parent.name
+        if (folder, task) in shown:
+            continue
+        run = eval_run(results, folder, task)
+        if run is None:
+            continue
+        dist = f"; answers {answers(run)}" if run.get("answer_distribution") else ""
+        lines.append(f"- {folder} on {NAMES.get(task, task)}: {cell(run)}; "
+                     f"{compare(folder, eval_run(results, 'base', task), run)}{dist}")
+    return lines or ["- none"]
 
 
 def command_lines(results: Path, runs: list[dict]) -> list[str]:
@@ -303,6 +333,8 @@ def main(results: str, out: str, experts: str, adapters: str) -> None:
         *routing_lines(results_dir), "",
         "Few-shot: the CEM search over the experts' mixing weights alpha on the task's shots.", "",
         *fewshot_lines(results_dir), "",
+        "## Other evaluations", "",
+        *other_lines(results_dir), "",
         "## How each number was made", "",
         *command_lines(results_dir, runs), "",
         "## Plots", "",

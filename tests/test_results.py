@@ -144,6 +144,20 @@ def test_a_scored_subset_is_compared_on_the_problems_both_scored(tree):
     assert "fewshot vs base on the 3 problems both scored: +33.3 points (2 better, 1 worse), McNemar p = 1.000" in text
 
 
+def test_evaluations_outside_the_tables_are_listed_against_base(tree):
+    ev = tree / "results" / "eval"
+    ids = [f"q{i}" for i in range(40)]
+    write_summary(ev / "expert-gsm8k-sft" / "gsm8k", [i < 12 for i in range(40)], ids,
+                  answer_distribution={"B": 30, "(none)": 10})
+    rows = [json.loads(l) for l in (ev / "expert-gsm8k-sft" / "gsm8k" / "responses.jsonl").read_text().splitlines()]
+    (ev / "expert-gsm8k-sft" / "gsm8k" / "responses.jsonl").write_text(  # gold B on 7 of the 40 problems
+        "".join(json.dumps({**r, "gold": "B" if i < 7 else "C"}) + "\n" for i, r in enumerate(rows)))
+    text = make(tree)
+    line = next(l for l in text.splitlines() if l.startswith("- expert-gsm8k-sft on GSM8K:"))
+    assert "expert-gsm8k-sft vs base: +5.0 points (2 better, 0 worse)" in line and "answers B 30, (none) 10 (answering B every time would score 7/40)" in line
+    assert "- expert-gsm8k on GSM8K" not in text  # shown in Table 1 already
+
+
 def test_trainable_counts_from_metadata_or_shapes(tree):
     text = make(tree)
     assert "SVF: 123,456 trainable numbers" in text  # the metadata's count, not the shapes' 2,112
