@@ -390,7 +390,8 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     elif resume:
         log(f"nothing to resume in {out}: starting fresh")
     log_path = out / "log.jsonl"  # keep only the records of steps the checkpoint holds
-    kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= start] if log_path.exists() else []
+    kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
+        if start and log_path.exists() else []
     log_path.write_text("".join(l + "\n" for l in kept))
 
     def checkpoint(step: int) -> None:
@@ -402,8 +403,11 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     val_fn = (lambda m, t, k, ps, z: validate(m, t, k, ps, z, cfg.gen_batch)) if cfg.validation == "generate" \
         else option_accuracy
     if start == 0 and cfg.eval_every:
+        t_val = time.perf_counter()
         best = val_fn(model, tokenizer, task, val_set, None)
         log(f"step 0 (base model): validation accuracy {best:.3f} on {len(val_set)} problems")
+        with open(log_path, "a") as f:  # the curve starts at the base model
+            f.write(json.dumps({"step": 0, "val_accuracy": best, "t_val": time.perf_counter() - t_val}) + "\n")
         File(start_params, {**meta, "step": 0, "val_accuracy": best}).save(out / "best.safetensors")
     stop = {"asked": False}
 
