@@ -5,6 +5,7 @@ import torch
 import adapt
 import data
 import eval as evaluation
+import lora
 import rl
 import svf
 from model import ModelArgs, Transformer, generate
@@ -131,6 +132,24 @@ def test_two_pass_equals_each_prompt_alone_with_its_expert():
     svf.use_expert(model, None)
     base = evaluation.answer(model, tok, task, problems, experts, ["base"] * 7, batch_size=3, max_new_tokens=0)
     assert [c.tokens for c in base[3:6]] != [c.tokens for c in outs[3:6]]  # the experts do change the answers
+
+
+def test_an_adapter_answers_like_the_lora_model_alone():
+    """eval.py --adapter: every problem answered with the merged LoRA weights, then back to the base."""
+    model, tok = tiny_model(), CharTokenizer()
+    task, problems = EchoTask(), toy_problems(4)
+    lora.attach(model, lora.LoRAConfig(rank=2))
+    params = lora.init_params(model, seed=1)
+    params = {n: v + 0.3 * torch.randn_like(v) if n.endswith(".B") else v for n, v in params.items()}  # not B = 0
+    outs = evaluation.answer(model, tok, task, problems, {"adapter:x": params}, ["adapter:x"] * 4, 3, 0)
+    assert all(m.merged is None for m in lora.wrappers(model).values())  # back to the base model
+    base = [generate(model, tok, [tok.encode_chat(task.messages(p))], task.max_new_tokens)[0] for p in problems]
+    for i, p in enumerate(problems):  # independent: the LoRA path computed unmerged, one prompt at a time
+        lora.train_ab(model, params)
+        [alone] = generate(model, tok, [tok.encode_chat(task.messages(p))], task.max_new_tokens)
+        lora.train_ab(model, None)
+        assert outs[i].tokens == alone.tokens
+    assert [c.tokens for c in outs] != [c.tokens for c in base]
 
 
 # ----------------------------------------------------------------------------- mixing
