@@ -15,7 +15,6 @@ is the default here. Same shape of code as svf.py, so the trainer can drive eith
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from model import linear
-from svf import model_fingerprint
+from svf import model_fingerprint, read_tensors, save_tensors
 
 TARGETS = {  # which matrices of each block LoRA adapts; never embeddings, output head or norms
     "qv": ("attention.q", "attention.v"),
@@ -182,26 +181,14 @@ class Adapter:
     meta: dict = field(default_factory=dict)  # base_model fingerprint, lora (asdict(LoRAConfig)), task, config, val score...
 
     def save(self, path: str | Path) -> None:
-        """Atomic: written to a temporary file, then renamed over the target."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.params.items()}, tmp,
-                  metadata={"meta": json.dumps(self.meta)})
-        tmp.replace(path)
+        save_tensors(path, self.params, self.meta)
 
     @staticmethod
     def load(path: str | Path, model: nn.Module | None = None) -> "Adapter":
         """Read an adapter; with `model`, refuse another base model, attach LoRA as the adapter was
         trained (meta["lora"]) and refuse other shapes."""
-        from safetensors import safe_open
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no LoRA adapter file {path}")
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            params = {k: f.get_tensor(k) for k in f.keys()}
+        params, meta = read_tensors(path, "LoRA adapter")
         adapter = Adapter(params, meta)
         if model is not None:
             fp = model_fingerprint(model)

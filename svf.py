@@ -209,31 +209,40 @@ def mix(experts: list[dict[str, torch.Tensor]], alphas: torch.Tensor) -> dict[st
 
 
 # ----------------------------------------------------------------------------- expert files
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """A safetensors file of float32 tensors with `meta` as JSON, written atomically: to a temporary
+    file, then renamed over the target (lora.py's adapter files use it too)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: v.detach().float().cpu().contiguous() for n, v in tensors.items()}, tmp,
+              metadata={"meta": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def read_tensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and meta of a file save_tensors wrote; `what` names it in the error if it is missing."""
+    from safetensors import safe_open
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no {what} file {path}")
+    with safe_open(path, "pt") as f:
+        return {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("meta", "{}"))
+
+
 @dataclass
 class Expert:
     z: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)  # base_model fingerprint, targets, task, config, val score...
 
     def save(self, path: str | Path) -> None:
-        """Atomic: written to a temporary file, then renamed over the target."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({n: v.detach().float().cpu().contiguous() for n, v in self.z.items()}, tmp,
-                  metadata={"meta": json.dumps(self.meta)})
-        tmp.replace(path)
+        save_tensors(path, self.z, self.meta)
 
     @staticmethod
     def load(path: str | Path, model: nn.Module | None = None) -> "Expert":
         """Read an expert; with `model`, refuse one made for another base model or other shapes."""
-        from safetensors import safe_open
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no expert file {path}")
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            z = {n: f.get_tensor(n) for n in f.keys()}
+        z, meta = read_tensors(path, "expert")
         expert = Expert(z, meta)
         if model is not None:
             fp = model_fingerprint(model)
