@@ -38,7 +38,6 @@ import torch
 from tqdm import tqdm
 
 import data
-import rl
 import svf
 from model import Transformer, generate, reply_logprobs
 
