@@ -187,7 +187,7 @@ def training_lines(task: str, experts: Path, adapters: Path, results: Path, runs
             lines.append(f"{label} training time: no run of {task} with method {method} in {rel(results, here)}/train")
         for r in found:
             wall = sum(s.get("t_step", 0) + s.get("t_val", 0) for s in r["log"])
-            lines.append(f"{label} training time: {duration(wall)} ({r['name']}: {len(r['log'])} steps logged)")
+            lines.append(f"{label} training time: {duration(wall)} ({r['name']}: {sum(s.get('step', 0) > 0 for s in r['log'])} steps logged)")
     return lines
 
 
