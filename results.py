@@ -1,7 +1,7 @@
 """Turn saved runs into RESULTS.md and its plots: the paper's Tables 1 and 2 (section 4), from files only.
 
     python results.py                              # results/ -> RESULTS.md, results/plots/*.png
-    python results.py --results runs --out /tmp/R.md
+    python results.py --results runs --out runs/RESULTS.md
 
 Reads what eval.py and train.py wrote (results/eval/<strategy>/<task>/summary.json and responses.jsonl,
 results/eval/fewshot/<task>/fewshot.json, results/train/<run>/config.json and log.jsonl) and the metadata
