@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from model import linear
-from svf import model_fingerprint, read_tensors, save_tensors
+from svf import read_tensors, save_tensors
 
 TARGETS = {  # which matrices of each block LoRA adapts; never embeddings, output head or norms
     "qv": ("attention.q", "attention.v"),
@@ -188,13 +188,9 @@ class Adapter:
         """Read an adapter; with `model`, refuse another base model, attach LoRA as the adapter was
         trained (meta["lora"]) and refuse other shapes."""
         path = Path(path)
-        params, meta = read_tensors(path, "LoRA adapter")
+        params, meta = read_tensors(path, "LoRA adapter", model)
         adapter = Adapter(params, meta)
         if model is not None:
-            fp = model_fingerprint(model)
-            if meta.get("base_model") != fp:
-                raise ValueError(f"{path.name} was trained on base model {meta.get('base_model')}, "
-                                 f"but the loaded model is {fp}: adapters only fit the model they were trained on")
             if "lora" not in meta:
                 raise ValueError(f"{path.name} has no 'lora' config in its metadata: is it an SVF expert?")
             attach(model, LoRAConfig(**meta["lora"]))  # idempotent; refuses a different rank or scale

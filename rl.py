@@ -402,12 +402,17 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     step_fn = sft_step if cfg.objective == "sft" else train_step if cfg.rollout == "generate" else option_step
     val_fn = (lambda m, t, k, ps, z: validate(m, t, k, ps, z, cfg.gen_batch)) if cfg.validation == "generate" \
         else option_accuracy
+    def validation(params) -> dict:
+        t0 = time.perf_counter()
+        accuracy = val_fn(model, tokenizer, task, val_set, params)
+        return {"val_accuracy": accuracy, "t_val": time.perf_counter() - t0}
+
     if start == 0 and cfg.eval_every:
-        t_val = time.perf_counter()
-        best = val_fn(model, tokenizer, task, val_set, None)
+        record = {"step": 0, **validation(None)}                         # the curve starts at the base model
+        best = record["val_accuracy"]
         log(f"step 0 (base model): validation accuracy {best:.3f} on {len(val_set)} problems")
-        with open(log_path, "a") as f:  # the curve starts at the base model
-            f.write(json.dumps({"step": 0, "val_accuracy": best, "t_val": time.perf_counter() - t_val}) + "\n")
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
         File(start_params, {**meta, "step": 0, "val_accuracy": best}).save(out / "best.safetensors")
     stop = {"asked": False}
 
@@ -426,14 +431,12 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
             sched.step()
             record = {"step": step + 1, "lr": sched.get_last_lr()[0], **stats}
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                t_val = time.perf_counter()
-                record["val_accuracy"] = val_fn(model, tokenizer, task, val_set, z)
-                record["t_val"] = time.perf_counter() - t_val
+                record |= validation(z)
                 if record["val_accuracy"] > best:
                     best = record["val_accuracy"]
                     File({n: v.detach() for n, v in z.items()},
                          {**meta, "step": step + 1, "val_accuracy": best}).save(out / "best.safetensors")
-            with open(out / "log.jsonl", "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             shown = {k: f"{stats[k]:+.2f}" for k in ("reward", "loss") if k in stats}
             bar.set_postfix(**shown, val=f"{record.get('val_accuracy', best):.2f}")

@@ -221,13 +221,19 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     tmp.replace(path)
 
 
-def read_tensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and meta of a file save_tensors wrote; `what` names it in the error if it is missing."""
+def read_tensors(path: str | Path, what: str, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and meta of a file save_tensors wrote (`what` names it in errors); with `model`,
+    refuse a file made for another base model (its meta's fingerprint)."""
     from safetensors import safe_open
-    if not Path(path).exists():
+    path = Path(path)
+    if not path.exists():
         raise FileNotFoundError(f"no {what} file {path}")
     with safe_open(path, "pt") as f:
-        return {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("meta", "{}"))
+        tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("meta", "{}"))
+    if model is not None and meta.get("base_model") != model_fingerprint(model):
+        raise ValueError(f"{path.name} was trained on base model {meta.get('base_model')}, but the loaded model "
+                         f"is {model_fingerprint(model)}: {what}s only fit the model they were trained on")
+    return tensors, meta
 
 
 @dataclass
@@ -241,14 +247,9 @@ class Expert:
     @staticmethod
     def load(path: str | Path, model: nn.Module | None = None) -> "Expert":
         """Read an expert; with `model`, refuse one made for another base model or other shapes."""
-        path = Path(path)
-        z, meta = read_tensors(path, "expert")
+        z, meta = read_tensors(path, "expert", model)
         expert = Expert(z, meta)
         if model is not None:
-            fp = model_fingerprint(model)
-            if meta.get("base_model") != fp:
-                raise ValueError(f"{path.name} was trained on base model {meta.get('base_model')}, "
-                                 f"but the loaded model is {fp}: experts only fit the model they were trained on")
             dev = next(iter(wrappers(model).values())).svd.s.device
             expert.z = {n: v.to(dev) for n, v in z.items()}
             check_z(model, expert.z)
