@@ -192,6 +192,7 @@ def kernel_times(w: torch.Tensor, rows: int, reps: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
+@torch.inference_mode()  # as generate() runs
 def decode_step_time(model, reps: int, steps: int = 20) -> float:
     """Seconds per batch-1 decode step (one token, with a cache) after a 32-token prefill."""
     x = torch.zeros(1, 32, dtype=torch.long)

@@ -245,12 +245,25 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
     if args.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     tensors = {k: v.to(device=dev, dtype=dt) for k, v in tensors.items()}
+    lay_out_side_by_side(tensors, args.n_layers)
     model.load_state_dict(tensors, strict=True, assign=True)
     if args.tie_embeddings:  # assign replaced the shared parameter: share it again
         model.output.weight = model.tok_embeddings.weight
     inv_freq = rope_frequencies(args)
     model.init_rope(inv_freq if rope_freqs is None else inv_freq / rope_freqs)
     return model.eval().requires_grad_(False)
+
+
+def lay_out_side_by_side(tensors: dict[str, torch.Tensor], n_layers: int) -> None:
+    """Each layer's q/k/v weights (and biases), and its gate/up weights, one after another in one
+    buffer: inference then runs each group as one matrix product without copying (model.stacked)."""
+    for i in range(n_layers):
+        for group in (("attention.q", "attention.k", "attention.v"), ("mlp.gate", "mlp.up")):
+            for kind in ("weight", "bias"):
+                names = [f"layers.{i}.{layer}.{kind}" for layer in group]
+                if all(n in tensors for n in names):
+                    whole = torch.cat([tensors[n] for n in names])
+                    tensors.update(zip(names, whole.split([tensors[n].shape[0] for n in names])))
 
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:

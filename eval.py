@@ -20,6 +20,10 @@ a second pass answers, grouped by expert:
 --adapter NAME evaluates a LoRA adapter (adapters/NAME.safetensors or a path) like an expert:
 every problem is answered with it; results go to --out/adapter-NAME/<task>/.
 
+--answer likelihood (ARC): no generation; the answer is the option whose text is likeliest as
+the reply to the bare question (the usual cloze evaluation of ARC, and what the options rollout
+of rl.py trains). Results go to --out/<strategy>-likelihood/<task>/.
+
 For each task: batched generation (a progress bar), scoring, and a one-line summary with
 accuracy, correct/total, a 95% Wilson interval and the time. Every prompt, response,
 extracted answer, verdict and the expert that answered (with the first pass's label) is
@@ -44,9 +48,10 @@ import torch
 import adapt
 import data
 import lora
+import rl
 import svf
 from checkpoint import load
-from model import generate_all
+from model import Completion, generate_all
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
@@ -113,9 +118,10 @@ def load_experts(model, paths: dict[str, Path]) -> dict[str, dict]:
 
 
 def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None], choice: list[str],
-           batch_size: int, max_new_tokens: int) -> list:
+           batch_size: int, max_new_tokens: int, how: str = "generate") -> list[Completion]:
     """Second pass: answer each problem with the expert chosen for it, grouped by expert so that
-    each expert's weights are composed once and its problems are generated in batches."""
+    each expert's weights are composed once and its problems are generated in batches
+    (how="likelihood": the likeliest option is the answer, see choose_options)."""
     completions = [None] * len(problems)
     for name in sorted(set(choice)):
         idx = [i for i, c in enumerate(choice) if c == name]
@@ -123,14 +129,29 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
             lora.use_adapter(model, experts[name])
         else:
             svf.use_expert(model, experts[name], key=name)
-        prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
-        outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]",
-                            max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
+        if how == "likelihood":
+            outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size)
+        else:
+            prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
+            outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]",
+                                max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
         for i, c in zip(idx, outs):
             completions[i] = c
     svf.use_expert(model, None)
     lora.use_adapter(model, None)
     return completions
+
+
+@torch.inference_mode()
+def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int) -> list[Completion]:
+    """The option whose reply has the highest log-likelihood (summed over its tokens) under the
+    current weights; its text is the response, scored like a generated one."""
+    outs = []
+    for i in range(0, len(problems), batch_size):
+        group = problems[i:i + batch_size]
+        for p, lp in zip(group, rl.option_logits(model, tokenizer, task, group, 1.0)):
+            outs.append(Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood"))
+    return outs
 
 
 def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
@@ -166,7 +187,8 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
 
 def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[str, dict], split: str, limit: int,
                   seed: int, batch_size: int, max_new_tokens: int, workers: int, out_dir: Path, command: str,
-                  shots: int, generations: int, population: int, per_layer: bool, classify: str) -> dict:
+                  shots: int, generations: int, population: int, per_layer: bool, classify: str,
+                  how: str = "generate") -> dict:
     task = data.TASKS[task_name]
     every = data.load(task_name, split)
     problems, shot_problems = subset(every, limit, seed), []
@@ -174,13 +196,14 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
         scored = {p["id"] for p in problems}
         spare = [p for p in every if p["id"] not in scored]
         shot_problems, problems = adapt.pick_shots(task_name, split, problems, shots, seed, spare)
-    out = out_dir / strategy.replace(":", "-").replace("/", "_") / task_name
+    folder = strategy.replace(":", "-").replace("/", "_") + ("-likelihood" if how == "likelihood" else "")
+    out = out_dir / folder / task_name
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     choice, experts, labels = first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
                                          generations, population, per_layer, classify, batch_size, seed, out)
     t1 = time.perf_counter()
-    completions = answer(model, tokenizer, task, problems, experts, choice, batch_size, max_new_tokens)
+    completions = answer(model, tokenizer, task, problems, experts, choice, batch_size, max_new_tokens, how)
     t2 = time.perf_counter()
     verdicts = task.score_many(problems, [c.text for c in completions], workers=workers)
     t3 = time.perf_counter()
@@ -190,7 +213,7 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     answers = Counter("(none)" if e is None else e for e in extracted)
     classified = strategy in ("prompt", "cls")
     summary = {
-        "task": task_name, "strategy": strategy, "split": split, "n": n, "correct": correct,
+        "task": task_name, "strategy": strategy, "answer": how, "split": split, "n": n, "correct": correct,
         "accuracy": correct / n, "ci95": [lo, hi], "no_answer": answers.get("(none)", 0),
         "answer_distribution": dict(answers.most_common(8)) if task.domain == "reasoning" else None,
         "experts": dict(Counter(choice)),
@@ -210,7 +233,8 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     dist = f"  answers {summary['answer_distribution']}" if summary["answer_distribution"] else ""
     routed = f"  experts {summary['experts']}" if classified else ""
-    print(f"{task_name:14s} {strategy:12s} accuracy {correct / n:6.1%}  {correct}/{n}  95% CI [{lo:.1%}, {hi:.1%}]  "
+    shown = strategy + (" (likelihood)" if how == "likelihood" else "")
+    print(f"{task_name:14s} {shown:12s} accuracy {correct / n:6.1%}  {correct}/{n}  95% CI [{lo:.1%}, {hi:.1%}]  "
           f"no answer {summary['no_answer']}  first pass {t1 - t0:.0f}s, second {t2 - t1:.0f}s  -> {out}{dist}{routed}",
           flush=True)
     return summary
@@ -228,13 +252,15 @@ def load_adapter(model, name: str) -> dict:
 def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size: int, max_new_tokens: int,
          workers: int, model: str | None, device: str, dtype: str, threads: int, out: str, shots: int,
          generations: int, population: int, per_layer: bool, classify: str, experts_dir: str,
-         adapter: str | None) -> list[dict]:
+         adapter: str | None, how: str = "generate") -> list[dict]:
     tasks = list(data.SPLITS) if task == "all" else UNSEEN if task == "unseen" else task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
             raise SystemExit(f"error: unknown task {t!r}; choose from {', '.join(data.SPLITS)}, all or unseen")
         if split not in data.SPLITS[t]:
             raise SystemExit(f"error: task {t!r} has no split {split!r} (it has {', '.join(data.SPLITS[t])})")
+    if how == "likelihood" and any(not hasattr(data.TASKS[t], "option_responses") for t in tasks):
+        raise SystemExit("error: --answer likelihood needs multiple-choice tasks (arc_easy, arc_challenge)")
     if strategy == "fewshot" and min(shots, generations, population) < 1:
         raise SystemExit("error: --shots, --generations and --population must be positive")
     if adapter and strategy != "base":
@@ -256,7 +282,8 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
         strategy = f"adapter:{adapter}"
         loaded[strategy] = load_adapter(net, adapter)
     return [evaluate_task(net, tokenizer, t, strategy, loaded, split, limit, seed, batch_size, max_new_tokens, workers,
-                          Path(out), command, shots, generations, population, per_layer, classify) for t in tasks]
+                          Path(out), command, shots, generations, population, per_layer, classify, how)
+            for t in tasks]
 
 
 if __name__ == "__main__":
@@ -279,6 +306,9 @@ if __name__ == "__main__":
                         "it (default: likelihood)")
     p.add_argument("--adapter", default=None,
                    help="evaluate a LoRA adapter: NAME (adapters/NAME.safetensors) or a .safetensors path (default: none)")
+    p.add_argument("--answer", dest="how", default="generate", choices=["generate", "likelihood"],
+                   help="generate: greedy replies, parsed (default); likelihood: ARC only, the option likeliest "
+                        "as the reply to the bare question, no generation (default: generate)")
     p.add_argument("--shots", type=int, default=10,
                    help="fewshot: problems used to fit alpha, then left out (default: 10)")
     p.add_argument("--generations", type=int, default=10,

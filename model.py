@@ -75,8 +75,53 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tensor:
+    """x through several linears that read it (q/k/v, or gate/up), their outputs side by side.
+
+    Decoding one token makes many small matrix products, and every call has a fixed cost. So
+    when no gradient is wanted and the layers are plain Linears, one product with their stacked
+    weights serves them all (stacked() below). SVF and LoRA wrappers take the plain path.
+    """
+    if torch.is_grad_enabled() or any(type(layer) is not Linear for layer in layers):
+        return torch.cat([layer(x) for layer in layers], dim=-1)
+    return linear(x, *stacked(layers))
+
+
+def stacked(layers: tuple[Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One matrix (and bias) whose row blocks are the layers' own weights, without a copy.
+
+    The checkpoint loader lays each group's weights out one after another in memory, so one view
+    covers them. Weights that do not lie so (a model built in code, a replaced weight) are copied
+    into one buffer once, and each layer's weight becomes a view of it: no memory is doubled, and
+    in-place writes to either are seen by both. The result is kept until a weight moves."""
+    w, b, where = layers[0].__dict__.get("stack", (None, None, ()))
+    if where == tuple(layer.weight.data_ptr() for layer in layers):
+        return w, b
+    with torch.inference_mode(False):  # ordinary tensors: training may use these weights later
+        w = side_by_side([layer.weight for layer in layers])
+        b = None if layers[0].bias is None else side_by_side([layer.bias for layer in layers])
+    # kept outside nn.Module's registries (not a parameter or buffer), with the weights' addresses
+    layers[0].__dict__["stack"] = (w, b, tuple(layer.weight.data_ptr() for layer in layers))
+    return w, b
+
+
+def side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:
+    """A view of these tensors as one, concatenated along dim 0; they are first moved into one
+    buffer (and rebound to views of it) unless they already lie there back to back."""
+    first = parts[0].detach()
+    same_buffer = all(p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and p.is_contiguous()
+                      and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in parts)
+    if same_buffer and all(b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
+                           for a, b in zip(parts, parts[1:])):
+        return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
+    whole = torch.cat([p.detach() for p in parts])
+    for p, view in zip(parts, whole.split([p.shape[0] for p in parts])):
+        p.data = view
+    return whole
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (or float64) whatever the weights' dtype, as the reference does."""
+    """x / rms(x) * weight; the mean square is accumulated in float32 whatever the dtype."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -84,16 +129,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
 # Each head's vector is split into two halves (x1, x2) and rotated pairwise: (x1_i, x2_i) by the
-# angle pos * freq_i. This is the Hugging Face ("rotate half") layout. llama.cpp uses the
-# interleaved layout (x_2i, x_2i+1) instead and reorders q/k rows on conversion; checkpoint.py
-# undoes that reordering, so one rotary function serves every checkpoint.
+# angle pos * freq_i, giving (x1 cos - x2 sin, x2 cos + x1 sin). This is the Hugging Face
+# ("rotate half") layout. llama.cpp uses the interleaved layout (x_2i, x_2i+1) instead and
+# reorders q/k rows on conversion; checkpoint.py undoes that reordering, so one rotary function
+# serves every checkpoint.
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), with Llama 3.1 or linear context scaling. (head_dim // 2,)"""
@@ -115,18 +159,19 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, inv_freq: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for every position, each (max_seq_len, head_dim), float32."""
+    """cos and signed sin for every position, each (max_seq_len, head_dim), float32.
+
+    The sin table carries the sign of the rotation: -sin on the first half, +sin on the second."""
     pos = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
     angles = torch.outer(pos, inv_freq.to(device))            # (max_seq_len, head_dim // 2)
-    angles = torch.cat([angles, angles], dim=-1)               # both halves rotate by the same angle
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles.cos()] * 2, dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by per-position cos/sin (B, 1, T, head_dim)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+    """Rotate x (B, heads, T, head_dim) by per-position cos/sin (B, 1, T, head_dim):
+    x cos + (x2, x1) sin, where (x2, x1) is x rolled by half a head and sin holds the signs."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -165,15 +210,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
-        q = self.q(x).reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, n_heads, T, hd)
-        k = self.k(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = project(x, (self.q, self.k, self.v)).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
+        qk = apply_rope(qkv[:, :H + Hkv], cos, sin)          # queries and keys rotate alike
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]     # (B, heads, T, hd), heads = H or Hkv
         if cache is not None:
-            k, v = cache.update(start, k, v)                                      # (B, n_kv, start+T, hd)
+            k, v = cache.update(start, k, v)                 # (B, Hkv, start+T, hd)
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            q, k, v = q.float(), k.float(), v.float()  # CPU attention kernels are much slower in 16 bits
         # mask None means plain causal attention over T == S positions (or one query over all keys)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+                                           enable_gqa=Hkv != H).to(x.dtype)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -187,7 +234,8 @@ class FeedForward(nn.Module):
         self.down = Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = project(x, (self.gate, self.up)).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -222,8 +270,10 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """One KVCache per layer; float32 on CPU, where attention is computed in float32."""
         a, w = self.args, self.tok_embeddings.weight
-        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device) for _ in self.layers]
+        dtype = torch.promote_types(w.dtype, torch.float32) if w.device.type == "cpu" else w.dtype
+        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, w.device) for _ in self.layers]
 
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None,
                 cache: list[KVCache] | None = None, start: int = 0, last: int | None = None) -> torch.Tensor:

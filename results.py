@@ -241,8 +241,10 @@ def other_lines(results: Path) -> list[str]:
         if run is None:
             continue
         dist = f"; answers {answers(run)}" if run.get("answer_distribution") else ""
-        lines.append(f"- {folder} on {NAMES.get(task, task)}: {cell(run)}; "
-                     f"{compare(folder, eval_run(results, 'base', task), run)}{dist}")
+        # answers read by likelihood (eval.py --answer likelihood) are compared with the base model read alike
+        base = "base-likelihood" if folder.endswith("-likelihood") else "base"
+        versus = "" if folder == base else f"; {compare(folder, eval_run(results, base, task), run)}"
+        lines.append(f"- {folder} on {NAMES.get(task, task)}: {cell(run)}{versus}{dist}")
     return lines or ["- none"]
 
 

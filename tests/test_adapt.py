@@ -152,6 +152,36 @@ def test_an_adapter_answers_like_the_lora_model_alone():
     assert [c.tokens for c in outs] != [c.tokens for c in base]
 
 
+class ChoiceTask(EchoTask):
+    """Multiple choice for tiny models: three one-word options, the problem's letter marks the right one."""
+    def option_messages(self, problem: dict) -> list[dict]:
+        return [{"role": "user", "content": "pick: " + problem["question"]}]
+
+    def option_responses(self, problem: dict) -> list[str]:
+        return ["x" + problem["answer"], "yy", "zzz"]
+
+
+def test_likelihood_answers_are_the_likeliest_option():
+    """eval.py --answer likelihood: per problem, the option with the highest summed log-probability,
+    checked against one plain forward pass per option, with an expert applied and without."""
+    model, tok = tiny_model(), CharTokenizer()
+    task, problems = ChoiceTask(), toy_problems(5)
+    expert = random_expert(model, 3)
+    for experts, name in (({"base": None}, "base"), ({"e": expert}, "e")):
+        outs = evaluation.answer(model, tok, task, problems, experts, [name] * 5, 2, 0, how="likelihood")
+        svf.use_expert(model, experts[name])
+        for p, out in zip(problems, outs):
+            prompt = tok.encode_chat(task.option_messages(p))
+            scores = []
+            for reply in task.option_responses(p):
+                r = tok.encode(reply)
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(torch.tensor([prompt + r]))[0, len(prompt) - 1:-1], -1)
+                scores.append(logp.gather(-1, torch.tensor(r)[:, None]).sum().item())
+            assert out.text == task.option_responses(p)[max(range(3), key=scores.__getitem__)]
+        svf.use_expert(model, None)
+
+
 # ----------------------------------------------------------------------------- mixing
 def test_mixture_of_one_expert_or_identical_experts_is_that_expert():
     model, tok = tiny_model(), CharTokenizer()

@@ -192,6 +192,19 @@ def test_arc_other_options_never_score():
                 assert not arc.score(p, f"The answer is {choice}"), (p["id"], choice)
 
 
+def test_arc_likelihood_choice_is_cloze():
+    """The options rollout and eval.py --answer likelihood ask the bare question and compare the
+    options' texts; supervised training keeps the generative answer format."""
+    arc = TASKS["arc_easy"]
+    p = load("arc_easy", "validation")[0]
+    assert arc.option_messages(p) == [{"role": "user", "content": p["question"]}]
+    assert arc.option_responses(p) == p["choices"]
+    gold = p["choices"][LETTERS.index(p["answer"])]
+    assert arc.reference_response(p) == f"The answer is ({p['answer']}) {gold.rstrip('.')}."
+    assert arc.score(p, arc.reference_response(p))
+    assert TASKS["gsm8k"].option_messages({"question": "1+1?"}) == TASKS["gsm8k"].messages({"question": "1+1?"})
+
+
 def test_arc_case_matters_when_options_differ_only_in_case():
     arc = TASKS["arc_challenge"]
     p = {"choices": ["R", "rr", "Rr", "RR"], "answer": "C"}

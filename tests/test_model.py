@@ -82,6 +82,41 @@ def test_forward_without_cache_has_gradients(tmp_path):
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_stacked_projections_follow_their_weights(tmp_path):
+    """Inference runs q/k/v (and gate/up) as one matmul on stacked weights (model.project): the
+    result equals the separate layers' (the gradient path), and tracks in-place edits, replaced
+    weights and dtype changes; gradients still reach the weights afterwards."""
+    make_hf_checkpoint("qwen2", tmp_path)  # q/k/v biases are stacked too
+    model = load_model(tmp_path, device="cpu", dtype="float32").requires_grad_(True)
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    attn = model.layers[0].attention
+
+    def check():
+        with torch.no_grad():
+            fused = model(tokens)
+        plain = model(tokens)  # grad enabled: each layer separately
+        torch.testing.assert_close(fused, plain.detach(), atol=1e-5, rtol=0)
+        return plain
+
+    check()
+    stack, bias, _ = attn.q.__dict__["stack"]
+    assert attn.k.weight.data_ptr() == stack[attn.q.weight.shape[0]].data_ptr()  # a view: no copy kept
+    with torch.no_grad():
+        attn.k.weight.mul_(1.5)                                   # in place: seen through the view
+        model.layers[1].mlp.up.weight.add_(0.01)
+    check()
+    attn.v.weight = torch.nn.Parameter(torch.randn_like(attn.v.weight))  # replaced: stacked again
+    model.layers[1].mlp.gate.weight = torch.nn.Parameter(torch.randn_like(model.layers[1].mlp.gate.weight))
+    check()
+    model.double()
+    with torch.no_grad():
+        assert model(tokens).dtype == torch.float64
+    model.float()
+    plain = check()
+    plain.sum().backward()
+    assert attn.q.weight.grad is not None and attn.q.weight.grad.abs().sum() > 0
+
+
 def test_kv_cache_decoding_equals_full_recomputation(tmp_path):
     make_hf_checkpoint("llama3", tmp_path)
     model = load_model(tmp_path, device="cpu", dtype="float32")

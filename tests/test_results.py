@@ -158,6 +158,18 @@ def test_evaluations_outside_the_tables_are_listed_against_base(tree):
     assert "- expert-gsm8k on GSM8K" not in text  # shown in Table 1 already
 
 
+def test_likelihood_evaluations_are_compared_with_the_base_read_alike(tree):
+    ev = tree / "results" / "eval"
+    ids = [f"q{i}" for i in range(40)]
+    write_summary(ev / "base-likelihood" / "gsm8k", [i < 20 for i in range(40)], ids)
+    write_summary(ev / "expert-x-likelihood" / "gsm8k", [i < 26 for i in range(40)], ids)
+    text = make(tree)
+    line = next(l for l in text.splitlines() if l.startswith("- expert-x-likelihood on GSM8K:"))
+    assert "expert-x-likelihood vs base: +15.0 points (6 better, 0 worse)" in line  # not the generative base's 12
+    line = next(l for l in text.splitlines() if l.startswith("- base-likelihood on GSM8K:"))
+    assert "vs base" not in line
+
+
 def test_trainable_counts_from_metadata_or_shapes(tree):
     text = make(tree)
     assert "SVF: 123,456 trainable numbers" in text  # the metadata's count, not the shapes' 2,112
