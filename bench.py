@@ -404,9 +404,12 @@ def bench_model(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
     rep.add(sec, f"bf16 = f32, first token, {len(pairs)} prompts", first, "share", "f32 = f32 (by definition)", 1.0)
     rep.add(sec, "task prompts, batch 16, bfloat16", gen_tps["bf16"], "tok/s", "ours float32", gen_tps["f32"])
     del m16, hf
+    bench_memory(rep, S, threads, figures)
 
+
+def bench_memory(rep: Report, S: Sizes, threads: int, figures: dict, sec: str = "model") -> None:
+    """Peak memory of batch-16 generation, ours and transformers, each in a fresh interpreter."""
     stage("peak memory (fresh interpreters)")
-    # Peak memory of batch-16 generation, each in a fresh interpreter.
     mem = peak_memory(["imports", "ours", "transformers"], 16, S.mem_tokens, threads)
     figures["peak_memory_bytes"] = mem
     rep.add(sec, f"peak RSS, batch 16 x {S.mem_tokens} tokens (GB)", mem["ours"]["peak"] / GB, "GB",
@@ -561,6 +564,10 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
         figures["model"] = {}
         bench_model(rep, S, threads, figures["model"])
         rep.print("model")
+    if section == "memory":
+        figures["model"] = {}
+        bench_memory(rep, S, threads, figures["model"])
+        rep.print("model")
     if section in ("svf", "all"):
         figures["svf"] = {}
         bench_svf(rep, S, threads, seed, figures["svf"], figures.get("model", {}).get("peak_memory_bytes", {}))
@@ -583,8 +590,9 @@ if __name__ == "__main__":
         description="Speed and memory of the model and of SVF training, beside peers measured in the same run "
                     "(Hugging Face transformers, the plain base model).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--section", choices=("model", "svf", "all"), default="all",
+    p.add_argument("--section", choices=("model", "memory", "svf", "all"), default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
+                        "memory: only the peak-memory part of model (3 min); "
                         "svf: decomposition, expert switching, one training step (issue 'trainer')")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (also for the memory subprocesses)")
     p.add_argument("--quick", action="store_true",

@@ -10,6 +10,7 @@ it), and assign the tensors into a model built on the meta device (no double all
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from pathlib import Path
@@ -224,10 +225,23 @@ def check_tensors(model: Transformer, tensors: dict[str, torch.Tensor], source: 
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
 
 
+def pin_malloc_threshold(size: int = 1 << 20) -> None:
+    """Stop glibc from raising its mmap threshold each time a large block is freed (it rises to
+    the block's size, up to 32 MB). Loading frees many such blocks (the separate q/k/v and gate/up
+    weights once laid out side by side); with the threshold raised, later temporaries of up to
+    that size come from the heap and fragment it: batch-16 generation then peaked at 1.52 GB
+    instead of 1.31 GB. Elsewhere than on glibc this does nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
                reader=None) -> Transformer:
     """Build the model a checkpoint describes and fill it with the checkpoint's weights.
     `reader`: an open gguf.GGUFReader of the file, to parse a GGUF file once for model and tokenizer."""
+    pin_malloc_threshold()
     path = Path(path) if path else fetch.check_default_model()
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")

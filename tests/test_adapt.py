@@ -182,6 +182,19 @@ def test_likelihood_answers_are_the_likeliest_option():
         svf.use_expert(model, None)
 
 
+def test_eval_refuses_bad_requests_before_loading_anything():
+    kw = dict(task="arc_easy", strategy="base", split="test", limit=4, seed=0, batch_size=4, max_new_tokens=0,
+              workers=1, model="no/such/model", device="cpu", dtype="float32", threads=0, out="unused", shots=10,
+              generations=1, population=2, per_layer=False, classify="likelihood", experts_dir="experts",
+              adapter=None)
+    with pytest.raises(SystemExit, match="--answer likelihood needs multiple-choice tasks"):
+        evaluation.main(**{**kw, "task": "arc_easy,gsm8k"}, how="likelihood")
+    with pytest.raises(SystemExit, match="unknown task 'arc'"):
+        evaluation.main(**{**kw, "task": "arc"})
+    with pytest.raises(SystemExit, match="unknown strategy"):
+        evaluation.main(**{**kw, "strategy": "best"})
+
+
 # ----------------------------------------------------------------------------- mixing
 def test_mixture_of_one_expert_or_identical_experts_is_that_expert():
     model, tok = tiny_model(), CharTokenizer()
