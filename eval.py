@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import adapt
 import data
@@ -130,7 +131,8 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
         else:
             svf.use_expert(model, experts[name], key=name)
         if how == "likelihood":
-            outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size)
+            outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size,
+                                  desc=f"{task.name} [{name}, likelihood]")
         else:
             prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
             outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]",
@@ -143,11 +145,11 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
 
 
 @torch.inference_mode()
-def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int) -> list[Completion]:
+def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int, desc: str = "") -> list[Completion]:
     """The option whose reply has the highest log-likelihood (summed over its tokens) under the
     current weights; its text is the response, scored like a generated one."""
     outs = []
-    for i in range(0, len(problems), batch_size):
+    for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         group = problems[i:i + batch_size]
         for p, lp in zip(group, rl.option_logits(model, tokenizer, task, group, 1.0)):
             outs.append(Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood"))
