@@ -191,7 +191,6 @@ def kernel_times(w: torch.Tensor, rows: int, reps: int) -> dict[str, float]:
     return {k: v / n for k, v in t.items()}
 
 
-@torch.inference_mode()
 @torch.inference_mode()  # as generate() runs
 def decode_step_time(model, reps: int, steps: int = 20) -> float:
     """Seconds per batch-1 decode step (one token, with a cache) after a 32-token prefill."""
@@ -407,8 +406,9 @@ def bench_model(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
     bench_memory(rep, S, threads, figures)
 
 
-def bench_memory(rep: Report, S: Sizes, threads: int, figures: dict, sec: str = "model") -> None:
+def bench_memory(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
     """Peak memory of batch-16 generation, ours and transformers, each in a fresh interpreter."""
+    sec = "model"
     stage("peak memory (fresh interpreters)")
     mem = peak_memory(["imports", "ours", "transformers"], 16, S.mem_tokens, threads)
     figures["peak_memory_bytes"] = mem

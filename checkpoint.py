@@ -228,7 +228,7 @@ def check_tensors(model: Transformer, tensors: dict[str, torch.Tensor], source: 
 def pin_malloc_threshold(size: int = 1 << 20) -> None:
     """Stop glibc from raising its mmap threshold each time a large block is freed (it rises to
     the block's size, up to 32 MB). Loading frees many such blocks (the separate q/k/v and gate/up
-    weights once laid out side by side); with the threshold raised, later temporaries of up to
+    weights once stacked, model.stacked); with the threshold raised, later temporaries of up to
     that size come from the heap and fragment it: batch-16 generation then peaked at 1.52 GB
     instead of 1.31 GB. Elsewhere than on glibc this does nothing."""
     try:
@@ -259,25 +259,12 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
     if args.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]
     tensors = {k: v.to(device=dev, dtype=dt) for k, v in tensors.items()}
-    lay_out_side_by_side(tensors, args.n_layers)
     model.load_state_dict(tensors, strict=True, assign=True)
     if args.tie_embeddings:  # assign replaced the shared parameter: share it again
         model.output.weight = model.tok_embeddings.weight
     inv_freq = rope_frequencies(args)
     model.init_rope(inv_freq if rope_freqs is None else inv_freq / rope_freqs)
     return model.eval().requires_grad_(False)
-
-
-def lay_out_side_by_side(tensors: dict[str, torch.Tensor], n_layers: int) -> None:
-    """Each layer's q/k/v weights (and biases), and its gate/up weights, one after another in one
-    buffer: inference then runs each group as one matrix product without copying (model.stacked)."""
-    for i in range(n_layers):
-        for group in (("attention.q", "attention.k", "attention.v"), ("mlp.gate", "mlp.up")):
-            for kind in ("weight", "bias"):
-                names = [f"layers.{i}.{layer}.{kind}" for layer in group]
-                if all(n in tensors for n in names):
-                    whole = torch.cat([tensors[n] for n in names])
-                    tensors.update(zip(names, whole.split([tensors[n].shape[0] for n in names])))
 
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:

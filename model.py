@@ -88,12 +88,11 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> torch.Tensor:
 
 
 def stacked(layers: tuple[Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One matrix (and bias) whose row blocks are the layers' own weights, without a copy.
+    """One matrix (and bias) whose row blocks are the layers' own weights.
 
-    The checkpoint loader lays each group's weights out one after another in memory, so one view
-    covers them. Weights that do not lie so (a model built in code, a replaced weight) are copied
-    into one buffer once, and each layer's weight becomes a view of it: no memory is doubled, and
-    in-place writes to either are seen by both. The result is kept until a weight moves."""
+    Built once by copying the weights into one buffer; each layer's weight then becomes a view of
+    it, so no memory is doubled and in-place writes to either are seen by both. Built again when
+    a weight is replaced (another tensor, dtype or device)."""
     w, b, where = layers[0].__dict__.get("stack", (None, None, ()))
     if where == tuple(layer.weight.data_ptr() for layer in layers):
         return w, b
@@ -106,14 +105,7 @@ def stacked(layers: tuple[Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | No
 
 
 def side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:
-    """A view of these tensors as one, concatenated along dim 0; they are first moved into one
-    buffer (and rebound to views of it) unless they already lie there back to back."""
-    first = parts[0].detach()
-    same_buffer = all(p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and p.is_contiguous()
-                      and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in parts)
-    if same_buffer and all(b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
-                           for a, b in zip(parts, parts[1:])):
-        return first.as_strided((sum(p.shape[0] for p in parts), *first.shape[1:]), first.stride())
+    """The tensors concatenated along dim 0 into one buffer, each rebound to a view of its rows."""
     whole = torch.cat([p.detach() for p in parts])
     for p, view in zip(parts, whole.split([p.shape[0] for p in parts])):
         p.data = view

@@ -206,8 +206,8 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
 
 def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[int]]]:
     """The prompt's tokens and the tokens of each option's response."""
-    messages = task.option_messages(problem) if hasattr(task, "option_messages") else task.messages(problem)
-    return tokenizer.encode_chat(messages), [tokenizer.encode(r) for r in task.option_responses(problem)]
+    return (tokenizer.encode_chat(task.option_messages(problem)),
+            [tokenizer.encode(r) for r in task.option_responses(problem)])
 
 
 def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import data
 import lora
 import rl
 import svf
@@ -219,7 +220,7 @@ class ToyTokenizer:
         return {1}
 
 
-class ToyTask:
+class ToyTask(data.Task):
     """Reward when the response contains the problem's answer token: rare but not impossible."""
     name, domain, max_new_tokens, stop = "toy", "math", 5, []
 
