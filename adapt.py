@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import rl
 import svf
 from model import Transformer, generate, reply_logprobs
 
@@ -245,31 +246,49 @@ def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[li
 
 
 def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: list[dict],
-                      per_layer: bool = False) -> Callable[[torch.Tensor], Score]:
-    """objective(alpha) -> (accuracy of greedy answers on the shots, mean log-likelihood of their
-    reference responses), for z' = svf.mix(experts, alpha). alpha: (K,), or (K * M,) with per_layer
-    (one weight per expert per matrix, M matrices). Weights are composed once per alpha, not cached."""
+                      per_layer: bool = False, answer: str = "generate") -> Callable[[torch.Tensor], Score]:
+    """objective(alpha) -> (accuracy on the shots, mean log-likelihood of their correct answers), for
+    z' = svf.mix(experts, alpha). alpha: (K,), or (K * M,) with per_layer (one weight per expert per
+    matrix, M matrices). Weights are composed once per alpha, not cached.
+
+    answer="generate": greedy answers, and the per-token log-likelihood of the reference responses.
+    answer="likelihood" (multiple choice, as eval.py --answer likelihood): the likeliest option is the
+    answer, and the tie-breaker is log p(correct option) under the softmax over the options; one
+    forward pass per alpha, no generation."""
     prompts = [tokenizer.encode_chat(task.messages(p)) for p in shots]
     references = [tokenizer.encode(task.reference_response(p)) for p in shots]
     K, M = len(experts), len(experts[0])
 
+    def generated() -> Score:
+        outs = generate(model, tokenizer, prompts, task.max_new_tokens, stop_strings=tuple(task.stop))
+        accuracy = sum(task.score_many(shots, [c.text for c in outs])) / len(shots)
+        return accuracy, mean_loglik(model, prompts, references, tokenizer.pad_id)
+
+    def by_likelihood() -> Score:
+        right, logp = 0, 0.0
+        for p, lp in zip(shots, rl.option_logits(model, tokenizer, task, shots, 1.0)):
+            correct = [task.score(p, r) for r in task.option_responses(p)]
+            right += correct[int(lp.argmax())]
+            logp += torch.log_softmax(lp.float(), -1)[correct.index(True)].item()
+        return right / len(shots), logp / len(shots)
+
+    read = by_likelihood if answer == "likelihood" else generated
+
+    @torch.inference_mode()
     def objective(alpha: torch.Tensor) -> Score:
         alphas = alpha.view(K, M) if per_layer else alpha
         svf.use_expert(model, svf.mix(experts, alphas.float()))
         try:
-            outs = generate(model, tokenizer, prompts, task.max_new_tokens, stop_strings=tuple(task.stop))
-            accuracy = sum(task.score_many(shots, [c.text for c in outs])) / len(shots)
-            loglik = mean_loglik(model, prompts, references, tokenizer.pad_id)
+            return read()
         finally:
             svf.use_expert(model, None)
-        return accuracy, loglik
 
     return objective
 
 
 def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: dict[str, dict],
             per_layer: bool = False, generations: int = 10, population: int = 32,
-            seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+            seed: int = 0, answer: str = "generate") -> tuple[dict[str, torch.Tensor], dict]:
     """The adapted z' for a task, and a report: expert names, the best alpha, the shots' ids and the
     CEM history (for eval.py to save as JSON).
 
@@ -278,11 +297,11 @@ def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict], e
     generations; 10 keeps a CPU run to hours rather than days."""
     names, zs = list(experts), list(experts.values())
     K, M = len(zs), len(zs[0])
-    objective = fewshot_objective(model, tokenizer, task, shots, zs, per_layer)
+    objective = fewshot_objective(model, tokenizer, task, shots, zs, per_layer, answer)
     alpha, history = cem(objective, K * M if per_layer else K, population, generations=generations,
                          init_mean=1 / K, seed=seed)
     alphas = alpha.view(K, M) if per_layer else alpha
-    report = {"task": task.name, "experts": names, "per_layer": per_layer, "alpha": alphas.tolist(),
+    report = {"task": task.name, "experts": names, "per_layer": per_layer, "answer": answer, "alpha": alphas.tolist(),
               "best": history[-1]["best"], "shots": [s["id"] for s in shots], "population": population,
               "history": history}
     return svf.mix(zs, alphas.float()), report

@@ -158,7 +158,8 @@ def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int
 
 def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
                shot_problems: list[dict], generations: int, population: int, per_layer: bool, classify: str,
-               batch_size: int, seed: int, out: Path) -> tuple[list[str], dict[str, dict | None], list[str | None]]:
+               batch_size: int, seed: int, out: Path,
+               how: str = "generate") -> tuple[list[str], dict[str, dict | None], list[str | None]]:
     """Decide the expert of every problem: choice[i] names it, experts maps names to z (None: the base
     model); labels[i] is the category the classifier read (prompt, cls), else None."""
     labels: list[str | None] = [None] * len(problems)
@@ -177,7 +178,7 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
     # fewshot; the name holds the task, so that answer()'s cache of composed weights never mixes tasks up
     name = f"fewshot-{task.name}"
     z, report = adapt.fewshot(model, tokenizer, task, shot_problems, {n: loaded[n] for n in DOMAIN_EXPERTS},
-                              per_layer, generations, population, seed)
+                              per_layer, generations, population, seed, how)
     (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
     adapt.save_adapted(out / "fewshot.safetensors", model, z, report)
     alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], torch.tensor(report["alpha"]).reshape(
@@ -203,7 +204,7 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     choice, experts, labels = first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
-                                         generations, population, per_layer, classify, batch_size, seed, out)
+                                         generations, population, per_layer, classify, batch_size, seed, out, how)
     t1 = time.perf_counter()
     completions = answer(model, tokenizer, task, problems, experts, choice, batch_size, max_new_tokens, how)
     t2 = time.perf_counter()

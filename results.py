@@ -28,6 +28,11 @@ NEAREST = {"arc_challenge": "arc_easy", "humaneval": "mbpp", "math": "gsm8k"}  #
 TABLE1 = {"base": "base", "LoRA": "adapter-{task}", "SVF": "expert-{task}"}
 TABLE2 = {"base": "base", "LoRA (nearest domain)": "adapter-{near}", "prompt": "prompt", "cls": "cls",
           "fewshot": "fewshot"}
+LIKELIHOOD = "-likelihood"  # suffix of the eval folders whose answers were read by likelihood (ARC)
+MULTIPLE_CHOICE = ("arc_easy", "arc_challenge")
+# table rows: (task, reading); the multiple-choice tasks once more, read by likelihood
+TABLE1_ROWS = [(t, "") for t in TRAIN_TASKS] + [(t, LIKELIHOOD) for t in TRAIN_TASKS if t in MULTIPLE_CHOICE]
+TABLE2_ROWS = [(t, "") for t in NEAREST] + [(t, LIKELIHOOD) for t in NEAREST if t in MULTIPLE_CHOICE]
 NOT_RUN = "not run"
 NO_MATPLOTLIB = "plots skipped: matplotlib is not installed (pip install matplotlib)"
 
@@ -154,18 +159,26 @@ def rel(path: Path, here: Path) -> str:
 
 # ----------------------------------------------------------------------------- sections
 
-def table(results: Path, tasks: list[str], columns: dict[str, str], extra: dict[str, list[str]]) -> list[str]:
-    """A markdown table (rows: tasks, columns: methods), then per task the paired comparisons with the
-    base model, the answer distribution of each cell that has one, and any extra lines."""
-    runs = {t: {c: eval_run(results, f.format(task=t, near=NEAREST.get(t, t)), t) for c, f in columns.items()}
-            for t in tasks}
+def table(results: Path, rows: list[tuple[str, str]], columns: dict[str, str],
+          extra: dict[str, list[str]]) -> list[str]:
+    """A markdown table (rows: (task, reading) pairs, columns: methods), then per row the paired
+    comparisons with the base model, the answer distribution of each cell that has one, and any extra
+    lines. reading "" is generated answers; LIKELIHOOD reads the likeliest option (eval.py --answer
+    likelihood), from the folders named with that suffix, and is compared with the base read alike."""
+    runs = {(t, r): {c: eval_run(results, f.format(task=t, near=NEAREST.get(t, t)) + r, t) for c, f in columns.items()}
+            for t, r in rows}
     lines = ["| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {NAMES[t]} | " + " | ".join(cell(runs[t][c]) for c in columns) + " |" for t in tasks]
-    for t in tasks:
-        notes = [compare(c.split(" (")[0], runs[t]["base"], r) for c, r in runs[t].items() if c != "base"]
-        notes += [f"answers, {c}: {answers(r)}" for c, r in runs[t].items() if r and r.get("answer_distribution")]
-        lines += ["", f"**{NAMES[t]}**", ""] + [f"- {n}" for n in notes + extra.get(t, [])]
+    lines += [f"| {row_name(*row)} | " + " | ".join(cell(runs[row][c]) for c in columns) + " |" for row in rows]
+    for t, r in rows:
+        found = runs[t, r]
+        notes = [compare(c.split(" (")[0], found["base"], run) for c, run in found.items() if c != "base"]
+        notes += [f"answers, {c}: {answers(run)}" for c, run in found.items() if run and run.get("answer_distribution")]
+        lines += ["", f"**{row_name(t, r)}**", ""] + [f"- {n}" for n in notes + (extra.get(t, []) if not r else [])]
     return lines
+
+
+def row_name(task: str, reading: str) -> str:
+    return NAMES[task] + (" (by likelihood)" if reading == LIKELIHOOD else "")
 
 
 def training_lines(task: str, experts: Path, adapters: Path, results: Path, runs: list[dict], here: Path) -> list[str]:
@@ -196,15 +209,15 @@ def routing_lines(results: Path) -> list[str]:
     lines = ["| task | strategy | routing accuracy | experts chosen | first pass | second pass | first-pass share |",
              "|---|---|---|---|---|---|---|"]
     for strategy in ("prompt", "cls"):
-        for t in NEAREST:
-            run = eval_run(results, strategy, t)
+        for t, r in TABLE2_ROWS:
+            run = eval_run(results, strategy + r, t)
             if run is None:
-                lines.append(f"| {NAMES[t]} | {strategy} | {NOT_RUN} | | | | |")
+                lines.append(f"| {row_name(t, r)} | {strategy} | {NOT_RUN} | | | | |")
                 continue
             routed = run.get("routing_accuracy")
             chosen = ", ".join(f"{k} {v}" for k, v in (run.get("experts") or {}).items())
             t1, t2 = run.get("first_pass_s", 0), run.get("second_pass_s", 0)
-            lines.append(f"| {NAMES[t]} | {strategy} | {'-' if routed is None else f'{100 * routed:.1f}%'} | {chosen} "
+            lines.append(f"| {row_name(t, r)} | {strategy} | {'-' if routed is None else f'{100 * routed:.1f}%'} | {chosen} "
                          f"| {duration(t1)} | {duration(t2)} | {f'{100 * t1 / t2:.1f}%' if t2 else '-'} |")
     return lines
 
@@ -213,15 +226,15 @@ def fewshot_lines(results: Path) -> list[str]:
     """The CEM search of the fewshot strategy: its cost per generation and in total, and what it found."""
     lines = ["| task | generations | population | time per generation | total | best shot accuracy | alpha |",
              "|---|---|---|---|---|---|---|"]
-    for t in NEAREST:
-        report = read_json(results / "eval" / "fewshot" / t / "fewshot.json")
+    for t, r in TABLE2_ROWS:
+        report = read_json(results / "eval" / ("fewshot" + r) / t / "fewshot.json")
         if report is None or not report.get("history"):
-            lines.append(f"| {NAMES[t]} | {NOT_RUN} | | | | | |")
+            lines.append(f"| {row_name(t, r)} | {NOT_RUN} | | | | | |")
             continue
         h, seconds = report["history"], [g["seconds"] for g in report["history"]]
         alpha = [a if isinstance(a, (int, float)) else sum(a) / len(a) for a in report["alpha"]]  # per layer: mean
         alphas = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], alpha))
-        lines.append(f"| {NAMES[t]} | {len(h)} | {report.get('population')} | {duration(sum(seconds) / len(h))} | "
+        lines.append(f"| {row_name(t, r)} | {len(h)} | {report.get('population')} | {duration(sum(seconds) / len(h))} | "
                      f"{duration(sum(seconds))} | {100 * report['best'][0]:.0f}% on {len(report.get('shots', []))} "
                      f"shots | {alphas}{' (mean over matrices)' if report.get('per_layer') else ''} |")
     return lines
@@ -230,8 +243,8 @@ def fewshot_lines(results: Path) -> list[str]:
 def other_lines(results: Path) -> list[str]:
     """Every evaluation that no table shows (variants of an expert, other tasks), each against the base
     model on the same task, with its answer distribution."""
-    shown = {(c.format(task=t), t) for t in TRAIN_TASKS for c in TABLE1.values()}
-    shown |= {(c.format(near=NEAREST[t]), t) for t in NEAREST for c in TABLE2.values()}
+    shown = {(c.format(task=t) + r, t) for t, r in TABLE1_ROWS for c in TABLE1.values()}
+    shown |= {(c.format(near=NEAREST[t]) + r, t) for t, r in TABLE2_ROWS for c in TABLE2.values()}
     lines = []
     for path in sorted((results / "eval").glob("*/*/summary.json")):
         folder, task = path.parent.parent.name, path.parent.name
@@ -292,8 +305,8 @@ def plots(results: Path, runs: list[dict], here: Path) -> list[str]:
         fig.savefig(folder / f"train-{task}.png", dpi=100)
         plt.close(fig)
         lines.append(f"![training curves of {task}]({rel(folder / f'train-{task}.png', here)})")
-    for path in sorted((results / "eval" / "fewshot").glob("*/fewshot.json")):
-        history, task = (read_json(path) or {}).get("history"), path.parent.name
+    for path in sorted((results / "eval").glob("fewshot*/*/fewshot.json")):
+        history, task = (read_json(path) or {}).get("history"), path.parent.name + path.parent.parent.name[7:]
         if not history:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -324,11 +337,11 @@ def main(results: str, out: str, experts: str, adapters: str) -> None:
         "the base model on the same problems (paired by id; exact two-sided McNemar test on the problems "
         "where they disagree; p >= 0.05 is within noise).", "",
         "## Table 1: training tasks (held-out test splits)", "",
-        *table(results_dir, TRAIN_TASKS, TABLE1, extra), "",
+        *table(results_dir, TABLE1_ROWS, TABLE1, extra), "",
         "## Table 2: unseen tasks", "",
         "The LoRA baseline has no adaptation step, so its column is the adapter of the nearest training "
         "domain: " + ", ".join(f"{NAMES[t]} <- adapter-{d}" for t, d in NEAREST.items()) + ".", "",
-        *table(results_dir, list(NEAREST), TABLE2, {}), "",
+        *table(results_dir, TABLE2_ROWS, TABLE2, {}), "",
         "## The first pass", "",
         "Prompt and cls dispatch: the share of problems labelled with the task's own domain, and the first "
         "pass's time as a share of the second (paper, Table 3).", "",

@@ -161,6 +161,17 @@ class ChoiceTask(EchoTask):
         return ["x" + problem["answer"], "yy", "zzz"]
 
 
+def plain_option_scores(model, tok, task, problem) -> torch.Tensor:
+    """log p(option | the option prompt), summed over its tokens: one plain forward pass per option."""
+    prompt, scores = tok.encode_chat(task.option_messages(problem)), []
+    for reply in task.option_responses(problem):
+        r = tok.encode(reply)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + r]))[0, len(prompt) - 1:-1], -1)
+        scores.append(logp.gather(-1, torch.tensor(r)[:, None]).sum())
+    return torch.stack(scores)
+
+
 def test_likelihood_answers_are_the_likeliest_option():
     """eval.py --answer likelihood: per problem, the option with the highest summed log-probability,
     checked against one plain forward pass per option, with an expert applied and without."""
@@ -171,15 +182,25 @@ def test_likelihood_answers_are_the_likeliest_option():
         outs = evaluation.answer(model, tok, task, problems, experts, [name] * 5, 2, 0, how="likelihood")
         svf.use_expert(model, experts[name])
         for p, out in zip(problems, outs):
-            prompt = tok.encode_chat(task.option_messages(p))
-            scores = []
-            for reply in task.option_responses(p):
-                r = tok.encode(reply)
-                with torch.no_grad():
-                    logp = torch.log_softmax(model(torch.tensor([prompt + r]))[0, len(prompt) - 1:-1], -1)
-                scores.append(logp.gather(-1, torch.tensor(r)[:, None]).sum().item())
-            assert out.text == task.option_responses(p)[max(range(3), key=scores.__getitem__)]
+            assert out.text == task.option_responses(p)[int(plain_option_scores(model, tok, task, p).argmax())]
         svf.use_expert(model, None)
+
+
+def test_fewshot_objective_by_likelihood_reads_the_options_of_the_mixture():
+    """fewshot with --answer likelihood: accuracy is the share of shots whose likeliest option is right,
+    the tie-breaker the mean log-softmax of the right option, both under z' = mix(experts, alpha)."""
+    model, tok = tiny_model(), CharTokenizer()
+    task, shots = ChoiceTask(), toy_problems(6)
+    a, b = random_expert(model, 4), random_expert(model, 5)
+    alpha = torch.tensor([0.3, 0.8])
+    got = adapt.fewshot_objective(model, tok, task, shots, [a, b], answer="likelihood")(alpha)
+    svf.use_expert(model, svf.mix([a, b], alpha.double()))
+    scores = [plain_option_scores(model, tok, task, p) for p in shots]  # "x" + the answer letter is right: 0
+    svf.use_expert(model, None)
+    right = sum(int(s.argmax()) == 0 for s in scores) / len(shots)
+    logp = sum(torch.log_softmax(s, -1)[0].item() for s in scores) / len(shots)
+    assert got == pytest.approx((right, logp))
+    assert got != adapt.fewshot_objective(model, tok, task, shots, [a, b], answer="likelihood")(torch.tensor([1.0, 0.0]))
 
 
 def test_eval_refuses_bad_requests_before_loading_anything():

@@ -215,3 +215,27 @@ def test_cem_plot(tree):
     text = make(tree, plots=True)
     assert (tree / "results" / "plots" / "cem-arc_challenge.png").read_bytes()[:4] == b"\x89PNG"
     assert "](results/plots/cem-arc_challenge.png)" in text
+
+
+def test_multiple_choice_rows_read_by_likelihood(tree):
+    """ARC read by likelihood is a row of its own, filled from the *-likelihood folders and compared
+    with the base model read alike, not with the generative base."""
+    ev, ids = tree / "results" / "eval", [f"c{i}" for i in range(20)]
+    write_summary(ev / "base-likelihood" / "arc_challenge", [i < 5 for i in range(20)], ids)
+    write_summary(ev / "prompt-likelihood" / "arc_challenge", [i < 8 for i in range(20)], ids,
+                  routing_accuracy=0.5, first_pass_s=6.0, experts={"arc_easy": 10, "base": 10})
+    fewshot = ev / "fewshot-likelihood" / "arc_challenge"
+    write_summary(fewshot, [i < 4 for i in range(18)], ids[2:])
+    (fewshot / "fewshot.json").write_text(json.dumps({
+        "experts": ["gsm8k", "mbpp", "arc_easy"], "per_layer": False, "alpha": [0.0, 0.5, 1.0],
+        "best": [0.6, -1.0], "shots": ["s1"], "population": 8,
+        "history": [{"generation": 1, "best": [0.6, -1.0], "population_mean": [0.4, -2.0], "seconds": 12.0}]}))
+    text = make(tree)
+    row = next(l for l in text.splitlines() if l.startswith("| ARC-Challenge (by likelihood) | 25.0% (5/20)"))
+    assert "| 40.0% (8/20) [11.1, 22.2] | not run | 22.2% (4/18) [11.1, 22.2] |" in row
+    section = text.split("**ARC-Challenge (by likelihood)**")[1].split("**")[0]
+    assert "prompt vs base: +15.0 points (3 better, 0 worse)" in section
+    assert "fewshot vs base on the 18 problems both scored: +5.6 points (1 better, 0 worse)" in section
+    assert "| ARC-Challenge (by likelihood) | prompt | 50.0% | arc_easy 10, base 10 | 6 s | 60 s | 10.0% |" in text
+    assert "| ARC-Challenge (by likelihood) | 1 | 8 | 12 s | 12 s | 60% on 1 shots | gsm8k 0.00, mbpp 0.50, arc_easy 1.00 |" in text
+    assert "- prompt-likelihood on" not in text and "- base-likelihood on ARC-Challenge" not in text  # in the table
