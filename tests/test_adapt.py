@@ -113,8 +113,14 @@ def test_classify_uses_z_then_returns_to_base():
     assert with_z == [adapt.LABELS[k] for k in want]
     svf.use_expert(model, None)
     assert all(m.merged is None for m in svf.wrappers(model).values())
-    generated = adapt.classify(model, tok, questions, method="generate")  # random text: mostly unparsable
-    assert all(label in adapt.LABELS for label in generated)
+
+
+def test_the_first_pass_reads_the_opening_of_a_long_question(monkeypatch):
+    monkeypatch.setattr(adapt, "CLASSIFY_CHARS", 40)  # the tiny model's context is 512 characters
+    model, tok = tiny_model(), CharTokenizer()
+    long = "write a function that adds two numbers. " * 30
+    assert adapt.classify_messages(long)[-1]["content"] == long[:40]
+    assert adapt.classify(model, tok, [long]) == adapt.classify(model, tok, [long[:40]])
 
 
 def test_two_pass_equals_each_prompt_alone_with_its_expert():
