@@ -7,6 +7,7 @@
     python eval.py --strategy cls                                   # ... the classification expert picks it
     python eval.py --strategy fewshot                               # ... CEM mixes the experts on 10 shots
     python eval.py --task gsm8k --adapter gsm8k                     # the LoRA baseline (adapters/gsm8k.safetensors)
+    python eval.py --routing                                        # the first passes' confusion matrices
 
 Strategies (paper section 3.2, see adapt.py). A first pass decides the expert of each problem,
 a second pass answers, grouped by expert:
@@ -243,6 +244,34 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     return summary
 
 
+def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: int, out_dir: Path,
+            command: str) -> dict:
+    """How the two first passes label questions whose domain is known: the validation questions of
+    the three training tasks (the classification expert never trained on them), read by the base
+    model (prompt) and by the classification expert (cls). A confusion matrix per reader, rows the
+    true domain, columns the label read; written to OUT/routing/summary.json."""
+    problems = subset(adapt.cls_problems("validation"), limit, seed)
+    questions, truth = [p["question"] for p in problems], [p["answer"] for p in problems]
+    summary = {"n": len(problems), "split": "validation", "limit": limit, "seed": seed, "command": command}
+    for strategy, z in (("prompt", None), ("cls", cls_z)):
+        t0 = time.perf_counter()
+        labels = adapt.classify(model, tokenizer, questions, z, batch_size)
+        correct = sum(label == t for label, t in zip(labels, truth))
+        confusion = {t: {label: sum(l == label and tt == t for l, tt in zip(labels, truth)) for label in adapt.LABELS}
+                     for t in dict.fromkeys(truth)}
+        summary[strategy] = {"correct": correct, "accuracy": correct / len(problems), "ci95": wilson(correct, len(problems)),
+                             "confusion": confusion, "seconds": time.perf_counter() - t0}
+        print(f"{strategy}: {correct}/{len(problems)} labelled with their domain ({correct / len(problems):.1%})")
+        print("  true \\ read " + "".join(f"{label:>10s}" for label in adapt.LABELS))
+        for t, row in confusion.items():
+            print(f"  {t:12s}" + "".join(f"{row[label]:10d}" for label in adapt.LABELS))
+    out = out_dir / "routing"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"-> {out}", flush=True)
+    return summary
+
+
 def load_adapter(model, name: str) -> dict:
     """A LoRA adapter's A/B tensors (adapters/NAME.safetensors or a path), attached to the model."""
     path = Path(name) if name.endswith(".safetensors") else ADAPTERS_DIR / f"{name}.safetensors"
@@ -255,7 +284,7 @@ def load_adapter(model, name: str) -> dict:
 def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size: int, max_new_tokens: int,
          workers: int, model: str | None, device: str, dtype: str, threads: int, out: str, shots: int,
          generations: int, population: int, per_layer: bool, classify: str, experts_dir: str,
-         adapter: str | None, how: str = "generate") -> list[dict]:
+         adapter: str | None, how: str = "generate", routing_only: bool = False) -> list[dict]:
     tasks = list(data.SPLITS) if task == "all" else UNSEEN if task == "unseen" else task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
@@ -271,6 +300,8 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
     if adapter and not adapter.endswith(".safetensors") and not (ADAPTERS_DIR / f"{adapter}.safetensors").exists():
         raise SystemExit(f"error: no adapter {ADAPTERS_DIR / (adapter + '.safetensors')} (train one: "
                          "python train.py --task TASK --method lora)")
+    if routing_only:
+        strategy = "cls"
     paths = resolve_experts(experts_needed(strategy), Path(experts_dir))  # fail before loading the model
     if threads:
         torch.set_num_threads(threads)
@@ -281,6 +312,8 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     loaded = load_experts(net, paths)
+    if routing_only:
+        return [routing(net, tokenizer, loaded["cls"], limit, seed, batch_size, Path(out), command)]
     if adapter:
         strategy = f"adapter:{adapter}"
         loaded[strategy] = load_adapter(net, adapter)
@@ -312,6 +345,9 @@ if __name__ == "__main__":
     p.add_argument("--answer", dest="how", default="generate", choices=["generate", "likelihood"],
                    help="generate: greedy replies, parsed (default); likelihood: ARC only, the option likeliest "
                         "as the reply to the bare question, no generation (default: generate)")
+    p.add_argument("--routing", dest="routing_only", action="store_true",
+                   help="instead of a task: label the training tasks' validation questions with the prompt and the "
+                        "cls first pass, and write their confusion matrices to OUT/routing/ (--limit: a subset)")
     p.add_argument("--shots", type=int, default=10,
                    help="fewshot: problems used to fit alpha, then left out (default: 10)")
     p.add_argument("--generations", type=int, default=10,

@@ -222,6 +222,24 @@ def routing_lines(results: Path) -> list[str]:
     return lines
 
 
+def confusion_lines(results: Path) -> list[str]:
+    """eval.py --routing: each first pass's labels on held-out questions of known domain."""
+    run = read_json(results / "eval" / "routing" / "summary.json")
+    if run is None:
+        return [f"Confusion matrices on the training tasks' validation questions: {NOT_RUN} (python eval.py --routing)."]
+    lines = [f"On the {run['n']} validation questions of the three training tasks (never trained on; "
+             f"`{run.get('command')}`), rows the true domain, columns the label read:"]
+    for strategy in ("prompt", "cls"):
+        r = run[strategy]
+        labels = list(next(iter(r["confusion"].values())))
+        ci = "[{:.1f}, {:.1f}]".format(*(100 * x for x in r["ci95"]))
+        lines += ["", f"{strategy}: {100 * r['accuracy']:.1f}% ({r['correct']}/{run['n']}) {ci} labelled with "
+                      f"their domain, in {duration(r['seconds'])}", "",
+                  "| true \\ read | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        lines += [f"| {t} | " + " | ".join(str(row[label]) for label in labels) + " |" for t, row in r["confusion"].items()]
+    return lines
+
+
 def fewshot_lines(results: Path) -> list[str]:
     """The CEM search of the fewshot strategy: its cost per generation and in total, and what it found."""
     lines = ["| task | generations | population | time per generation | total | best shot accuracy | alpha |",
@@ -346,6 +364,7 @@ def main(results: str, out: str, experts: str, adapters: str) -> None:
         "Prompt and cls dispatch: the share of problems labelled with the task's own domain, and the first "
         "pass's time as a share of the second (paper, Table 3).", "",
         *routing_lines(results_dir), "",
+        *confusion_lines(results_dir), "",
         "Few-shot: the CEM search over the experts' mixing weights alpha on the task's shots.", "",
         *fewshot_lines(results_dir), "",
         "## Other evaluations", "",

@@ -359,3 +359,24 @@ def test_cls_task_runs_in_the_reinforce_trainer():
     assert 0 <= rl.validate(model, CharTokenizer(), adapt.CLS_TASK, problems, z, batch=2) <= 1
 
 
+
+
+def test_routing_confusion_matrices_count_each_question_once(tmp_path, monkeypatch):
+    """eval.py --routing: per reader, rows are the true domains, columns the labels classify() reads."""
+    model, tok = tiny_model(), CharTokenizer()
+    labels = ["math", "code", "reasoning"]
+    toy = [{"id": f"cls/{i}", "question": f"question {i} " + "xyz"[i % 3] * (i % 5), "answer": labels[i % 3]}
+           for i in range(12)]
+    monkeypatch.setattr(adapt, "cls_problems", lambda split: toy)
+    z = {n: 1 + 3 * (v - 1) for n, v in random_expert(model, 0).items()}  # one that reads "code" here
+    summary = evaluation.routing(model, tok, z, 0, 0, 4, tmp_path, "python eval.py --routing")
+    questions = [p["question"] for p in toy]
+    for strategy, read in (("prompt", adapt.classify(model, tok, questions)),
+                           ("cls", adapt.classify(model, tok, questions, z=z))):
+        got = summary[strategy]
+        for t in labels:
+            assert got["confusion"][t] == {label: sum(r == label and p["answer"] == t for r, p in zip(read, toy))
+                                           for label in adapt.LABELS}
+        assert got["correct"] == sum(r == p["answer"] for r, p in zip(read, toy))
+    assert summary["prompt"]["confusion"] != summary["cls"]["confusion"]  # the expert reads differently
+    assert (tmp_path / "routing" / "summary.json").exists()

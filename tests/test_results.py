@@ -239,3 +239,17 @@ def test_multiple_choice_rows_read_by_likelihood(tree):
     assert "| ARC-Challenge (by likelihood) | prompt | 50.0% | arc_easy 10, base 10 | 6 s | 60 s | 10.0% |" in text
     assert "| ARC-Challenge (by likelihood) | 1 | 8 | 12 s | 12 s | 60% on 1 shots | gsm8k 0.00, mbpp 0.50, arc_easy 1.00 |" in text
     assert "- prompt-likelihood on" not in text and "- base-likelihood on ARC-Challenge" not in text  # in the table
+
+
+def test_confusion_matrices_of_the_first_passes(tree):
+    assert "Confusion matrices on the training tasks' validation questions: not run" in make(tree)
+    folder = tree / "results" / "eval" / "routing"
+    folder.mkdir(parents=True)
+    rows = {"math": {"code": 0, "math": 3, "reasoning": 0, "other": 1}, "code": {"code": 4, "math": 0, "reasoning": 0, "other": 0}}
+    folder.joinpath("summary.json").write_text(json.dumps({"n": 8, "command": "python eval.py --routing", **{
+        s: {"correct": c, "accuracy": c / 8, "ci95": [0.3, 0.9], "confusion": rows, "seconds": 12.0}
+        for s, c in (("prompt", 7), ("cls", 8))}}))
+    text = make(tree)
+    assert "prompt: 87.5% (7/8) [30.0, 90.0] labelled with their domain, in 12 s" in text
+    assert "| true \\ read | code | math | reasoning | other |" in text
+    assert "| math | 0 | 3 | 0 | 1 |" in text and "cls: 100.0% (8/8)" in text
