@@ -318,7 +318,8 @@ def plots(results: Path, runs: list[dict], here: Path) -> list[str]:
             ax.set(xlabel="step", ylabel=label, title=f"{task}: {label}")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_lines():  # a run without validation leaves that panel empty
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / f"train-{task}.png", dpi=100)
         plt.close(fig)
