@@ -300,9 +300,8 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
     if adapter and not adapter.endswith(".safetensors") and not (ADAPTERS_DIR / f"{adapter}.safetensors").exists():
         raise SystemExit(f"error: no adapter {ADAPTERS_DIR / (adapter + '.safetensors')} (train one: "
                          "python train.py --task TASK --method lora)")
-    if routing_only:
-        strategy = "cls"
-    paths = resolve_experts(experts_needed(strategy), Path(experts_dir))  # fail before loading the model
+    needed = ["cls"] if routing_only else experts_needed(strategy)  # --routing reads the cls expert only
+    paths = resolve_experts(needed, Path(experts_dir))  # fail before loading the model
     if threads:
         torch.set_num_threads(threads)
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)

@@ -273,7 +273,7 @@ def other_lines(results: Path) -> list[str]:
             continue
         dist = f"; answers {answers(run)}" if run.get("answer_distribution") else ""
         # answers read by likelihood (eval.py --answer likelihood) are compared with the base model read alike
-        base = "base-likelihood" if folder.endswith("-likelihood") else "base"
+        base = "base" + LIKELIHOOD if folder.endswith(LIKELIHOOD) else "base"
         versus = "" if folder == base else f"; {compare(folder, eval_run(results, base, task), run)}"
         lines.append(f"- {folder} on {NAMES.get(task, task)}: {cell(run)}{versus}{dist}")
     return lines or ["- none"]
@@ -325,7 +325,7 @@ def plots(results: Path, runs: list[dict], here: Path) -> list[str]:
         plt.close(fig)
         lines.append(f"![training curves of {task}]({rel(folder / f'train-{task}.png', here)})")
     for path in sorted((results / "eval").glob("fewshot*/*/fewshot.json")):
-        history, task = (read_json(path) or {}).get("history"), path.parent.name + path.parent.parent.name[7:]
+        history, task = (read_json(path) or {}).get("history"), path.parent.name + path.parent.parent.name.removeprefix("fewshot")
         if not history:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
