@@ -1,6 +1,6 @@
 """Benchmarks: speed and memory of the model and of SVF training, each beside a peer from the same run.
 
-Two sections, one per issue:
+Three sections, one per issue:
 
     model  (issue "foundation")  loading, greedy decoding at batch 1 and 16, prefill, the machine's
                                  memory-bandwidth ceiling for decoding, a bfloat16 CPU mode and peak
@@ -8,6 +8,9 @@ Two sections, one per issue:
     svf    (issue "trainer")     the SVD of the adapted matrices and its cache, switching experts, one
                                  REINFORCE step split into phases (paper section 3.1) against its floor:
                                  plain generation plus one forward/backward pass of the base model
+    adapt  (issue "adaptation")  the first pass (classifying a question) against the second (answering
+                                 it) on each unseen task, with and without the shared prefix; switching
+                                 between the shipped experts
 
 Every figure is printed beside a peer measured in the same run, with the ratio between them, so the
 ratios stay meaningful on a busy machine (the 1-minute load average is printed at start and end).
@@ -44,7 +47,7 @@ import data
 import fetch
 import rl
 import svf
-from model import ModelArgs, Transformer, generate, generate_all, left_pad
+from model import ModelArgs, Transformer, common_prefix, generate, generate_all, left_pad, reply_logprobs
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -63,11 +66,12 @@ class Sizes:
     train_prompts: int = 4     # one REINFORCE step: prompts x samples x new tokens, on gsm8k train
     train_samples: int = 4
     train_tokens: int = 64
+    adapt_questions: int = 32  # per unseen task: first pass (classification) and second pass (answers)
 
 
 FULL = Sizes()
 QUICK = Sizes(reps=1, decode_tokens=16, agree_prompts=16, agree_tokens=16, mem_tokens=64, train_prompts=2,
-              train_tokens=32)
+              train_tokens=32, adapt_questions=8)
 
 
 # ----------------------------------------------------------------------------- measuring and reporting
@@ -533,6 +537,66 @@ def bench_svf(rep: Report, S: Sizes, threads: int, seed: int, figures: dict, mem
                 "base model, same generation", base["peak"] / GB, lower_is_better=True)
 
 
+# ----------------------------------------------------------------------------- section 3: adaptation
+def bench_adapt(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
+    """Paper Table 3: the first pass's cost as a share of the second pass's, per unseen task.
+
+    The first pass is adapt.classify's: one forward pass per question scoring the four replies
+    "\\boxed{label}" (model.reply_logprobs); `cls` runs the same pass with z_c composed in (a switch,
+    timed below), so both strategies cost alike. Its prompts all begin with the same system prompt,
+    which reply_logits computes once per batch; the peer computes every row in full. The second
+    pass answers the same questions by greedy generation with the task's own token budget."""
+    import adapt
+    sec = "adapt"
+    stage("adapt: load the model and the shipped experts")
+    model, tok = checkpoint.load(None, "cpu", "float32")
+    replies = [tok.encode(r) for r in adapt.CLS_TASK.option_responses()]
+    batch = 16
+    for name in ("arc_challenge", "humaneval", "math"):
+        task = data.TASKS[name]
+        problems = data.load(name, "test")[:S.adapt_questions]
+        prompts = sorted((tok.encode_chat(adapt.classify_messages(task.messages(p)[-1]["content"]))
+                          for p in problems), key=len)
+
+        def first_pass(share: bool, questions: list[list[int]] = prompts) -> None:
+            with torch.inference_mode():
+                for i in range(0, len(questions), batch):
+                    rows = questions[i:i + batch]
+                    reply_logprobs(model, rows, [replies] * len(rows), tok.pad_id, share_prefix=share)
+
+        stage(f"adapt: {name}, {len(prompts)} questions: first pass, shared prefix and in full")
+        first_pass(True, prompts[-4:]), first_pass(False, prompts[-4:])   # warm-up: the first call pays allocations
+        t = race({"shared": lambda: first_pass(True), "full": lambda: first_pass(False)}, S.reps)
+        stage(f"adapt: {name}: second pass (greedy, up to {task.max_new_tokens} new tokens)")
+        answers = [tok.encode_chat(task.messages(p)) for p in problems]
+        t0 = time.perf_counter()
+        comps = generate_all(model, tok, answers, batch, desc="second pass", max_new_tokens=task.max_new_tokens,
+                             stop_strings=tuple(task.stop))
+        t_second = time.perf_counter() - t0
+        n = len(problems)
+        figures[name] = {"questions": n, "first_pass_shared_s": t["shared"], "first_pass_full_s": t["full"],
+                         "second_pass_s": t_second, "second_pass_tokens": sum(len(c.tokens) for c in comps),
+                         "shared_tokens": common_prefix(prompts), "prompt_tokens": sum(map(len, prompts)) / n}
+        rep.add(sec, f"{name}: first pass (s/question)", t["shared"] / n, "s", "every row in full (s/q)",
+                t["full"] / n, lower_is_better=True)
+        rep.add(sec, f"{name}: first pass / second pass", t["shared"] / t_second, "", "in full / second pass",
+                t["full"] / t_second, lower_is_better=True, target="paper: 0.13-0.47")
+
+    stage("adapt: switching between the shipped experts")
+    import eval as evaluate
+    names = evaluate.DOMAIN_EXPERTS + ["cls"]
+    experts = evaluate.load_experts(model, evaluate.resolve_experts(names, ROOT / "experts"))
+    t_new = race({n: lambda n=n: svf.use_expert(model, experts[n], key=f"bench-{n}") for n in names}, 1)
+    t_hit = race({n: lambda n=n: svf.use_expert(model, experts[n], key=f"bench-{n}") for n in names}, 5)
+    svf.use_expert(model, None)
+    new, hit = sum(t_new.values()) / len(names), sum(t_hit.values()) / len(names)
+    figures["switch_s"] = {"new": t_new, "cached": t_hit}
+    rep.add(sec, "switch to an expert, composed anew (s)", new, "s", "second pass of math (s)",
+            figures["math"]["second_pass_s"], lower_is_better=True)
+    rep.add(sec, "switch to an expert, cached (ms)", hit * 1e3, "ms", "composed anew (ms)", new * 1e3,
+            lower_is_better=True)
+
+
 # ----------------------------------------------------------------------------- command line
 def main(section: str, threads: int, quick: bool, agree_prompts: int | None, json_out: str | None, seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -572,6 +636,10 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
         figures["svf"] = {}
         bench_svf(rep, S, threads, seed, figures["svf"], figures.get("model", {}).get("peak_memory_bytes", {}))
         rep.print("svf")
+    if section in ("adapt", "all"):
+        figures["adapt"] = {}
+        bench_adapt(rep, S, threads, figures["adapt"])
+        rep.print("adapt")
     machine["load_avg_end"], machine["seconds"] = load_average(), time.perf_counter() - t0
     targets = [r for r in rep.rows if r["ok"] is not None]
     if targets:
@@ -590,10 +658,12 @@ if __name__ == "__main__":
         description="Speed and memory of the model and of SVF training, beside peers measured in the same run "
                     "(Hugging Face transformers, the plain base model).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--section", choices=("model", "memory", "svf", "all"), default="all",
+    p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "all"), default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
                         "memory: only the peak-memory part of model (3 min); "
-                        "svf: decomposition, expert switching, one training step (issue 'trainer')")
+                        "svf: decomposition, expert switching, one training step (issue 'trainer'); "
+                        "adapt: first pass against second pass per unseen task, switching experts (issue "
+                        "'adaptation')")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (also for the memory subprocesses)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for development (one round per timing, fewer tokens and prompts; see QUICK "

@@ -7,7 +7,7 @@ import torch
 
 import fetch
 from checkpoint import load_model
-from model import generate, reply_logprobs
+from model import common_prefix, generate, reply_logprobs
 
 PROMPTS = [
     "The capital of France is",
@@ -150,6 +150,30 @@ def test_packed_reply_logprobs_equal_one_plain_forward_per_reply(kind, tmp_path)
     torch.stack(want).sum().backward()
     torch.testing.assert_close(torch.cat(got), torch.stack(want), atol=1e-4, rtol=0)
     torch.testing.assert_close(got_grad, model.layers[0].mlp.up.weight.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "mistral"])
+def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(kind, tmp_path):
+    """Without gradients reply_logits computes the prompts' common prefix once (a KV cache every row
+    reads); the log-probs must equal one plain forward pass per reply, here with a prefix longer
+    than Mistral's sliding window, and a prompt that is the prefix plus one token."""
+    make_hf_checkpoint(kind, tmp_path)
+    model = load_model(tmp_path, device="cpu", dtype="float32")
+    prefix = list(range(30, 42))
+    prompts = [prefix + [5, 17, 33], prefix + [7], prefix + [9, 8, 7, 6, 5, 4]]
+    replies = [[[3, 4, 5, 6], [9]], [[20, 21], [22, 23, 24], [25]], [[10, 11, 12, 13, 14, 15, 16]]]
+    assert common_prefix(prompts) == len(prefix)
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2       # every prompt keeps a token of its own
+    with torch.no_grad():
+        got = torch.cat(reply_logprobs(model, prompts, replies, pad_id=0))
+        in_full = torch.cat(reply_logprobs(model, prompts, replies, pad_id=0, share_prefix=False))
+        want = []
+        for p, rs in zip(prompts, replies):
+            for r in rs:
+                logp = torch.log_softmax(model(torch.tensor([p + r]))[0, len(p) - 1:-1], -1)
+                want.append(logp.gather(-1, torch.tensor(r)[:, None]).sum())
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=0)
+    torch.testing.assert_close(in_full, torch.stack(want), atol=1e-4, rtol=0)
 
 
 def test_left_padded_batch_equals_each_prompt_alone_tiny(tmp_path):
