@@ -85,11 +85,13 @@ def parse_label(text: str) -> str | None:
 
 @torch.inference_mode()
 def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None, batch_size: int = 16,
-             method: str = "likelihood") -> list[str]:
+             method: str = "likelihood", share_prefix: bool = True) -> list[str]:
     """A label from LABELS for every question, read by the base model (z None) or by expert z.
 
     method "likelihood": the most likely reply "\\boxed{label}"; "generate": a greedy reply,
-    parsed by parse_label, and "other" when it names no category."""
+    parsed by parse_label, and "other" when it names no category. share_prefix: compute the
+    system prompt that every question shares once per batch (False: every row in full; the
+    same labels, bench.py times both)."""
     svf.use_expert(model, z)  # composed once for the whole batch (no key: z_c is not kept)
     try:
         prompts = [tokenizer.encode_chat(classify_messages(q)) for q in questions]
@@ -100,7 +102,8 @@ def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None
             idx = order[i:i + batch_size]
             batch = [prompts[j] for j in idx]
             if method == "likelihood":
-                logp = torch.stack(reply_logprobs(model, batch, [replies] * len(batch), tokenizer.pad_id))
+                logp = torch.stack(reply_logprobs(model, batch, [replies] * len(batch), tokenizer.pad_id,
+                                                  share_prefix))
                 best = logp.argmax(1).tolist()
                 found = [LABELS[k] for k in best]
             elif method == "generate":

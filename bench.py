@@ -47,7 +47,7 @@ import data
 import fetch
 import rl
 import svf
-from model import ModelArgs, Transformer, common_prefix, generate, generate_all, left_pad, reply_logprobs
+from model import ModelArgs, Transformer, common_prefix, generate, generate_all, left_pad
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -538,7 +538,7 @@ def bench_svf(rep: Report, S: Sizes, threads: int, seed: int, figures: dict, mem
 
 
 # ----------------------------------------------------------------------------- section 3: adaptation
-def bench_adapt(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
+def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
     """Paper Table 3: the first pass's cost as a share of the second pass's, per unseen task.
 
     The first pass is adapt.classify's: one forward pass per question scoring the four replies
@@ -550,22 +550,18 @@ def bench_adapt(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
     sec = "adapt"
     stage("adapt: load the model and the shipped experts")
     model, tok = checkpoint.load(None, "cpu", "float32")
-    replies = [tok.encode(r) for r in adapt.CLS_TASK.option_responses()]
     batch = 16
     for name in ("arc_challenge", "humaneval", "math"):
         task = data.TASKS[name]
         problems = data.load(name, "test")[:S.adapt_questions]
-        prompts = sorted((tok.encode_chat(adapt.classify_messages(task.messages(p)[-1]["content"]))
-                          for p in problems), key=len)
+        questions = [task.messages(p)[-1]["content"] for p in problems]   # what eval.py's first pass reads
+        prompts = [tok.encode_chat(adapt.classify_messages(q)) for q in questions]
 
-        def first_pass(share: bool, questions: list[list[int]] = prompts) -> None:
-            with torch.inference_mode():
-                for i in range(0, len(questions), batch):
-                    rows = questions[i:i + batch]
-                    reply_logprobs(model, rows, [replies] * len(rows), tok.pad_id, share_prefix=share)
+        def first_pass(share: bool, qs: list[str] = questions) -> None:  # the prompt strategy's first pass
+            adapt.classify(model, tok, qs, None, batch, share_prefix=share)
 
         stage(f"adapt: {name}, {len(prompts)} questions: first pass, shared prefix and in full")
-        first_pass(True, prompts[-4:]), first_pass(False, prompts[-4:])   # warm-up: the first call pays allocations
+        first_pass(True, questions[:4]), first_pass(False, questions[:4])   # warm-up: the first call pays allocations
         t = race({"shared": lambda: first_pass(True), "full": lambda: first_pass(False)}, S.reps)
         stage(f"adapt: {name}: second pass (greedy, up to {task.max_new_tokens} new tokens)")
         answers = [tok.encode_chat(task.messages(p)) for p in problems]
@@ -638,7 +634,7 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
         rep.print("svf")
     if section in ("adapt", "all"):
         figures["adapt"] = {}
-        bench_adapt(rep, S, threads, figures["adapt"])
+        bench_adapt(rep, S, figures["adapt"])
         rep.print("adapt")
     machine["load_avg_end"], machine["seconds"] = load_average(), time.perf_counter() - t0
     targets = [r for r in rep.rows if r["ok"] is not None]

@@ -110,6 +110,16 @@ def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
     raise ValueError(f"unknown baseline {baseline!r}: choose none, mean or loo")
 
 
+def skip_update(adv: torch.Tensor) -> bool:
+    """True when no advantage is non-zero: the batch carries no reward signal, so no update is made.
+
+    The paper's objective adds -lambda KL to the policy-gradient term; on its own the KL term only
+    pulls z back towards the base model, and next to z = 1 its gradient is rounding noise that
+    AdamW would scale up to a step of about lr. Without a baseline (the paper) rewards are +-1 and
+    this never happens."""
+    return not bool((adv != 0).any())
+
+
 def exact_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
     """KL(pi_z || pi_base) per token, summed over the whole vocabulary: (B, R).
 
@@ -172,8 +182,13 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     t2 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     parts = {"pg": 0.0, "kl": 0.0}
+    # No advantage at all (every group all right or all wrong, with a baseline): the step would be
+    # the KL term's alone, about 0 near z = 1, which AdamW's normalisation would still turn into a
+    # step of about lr in directions set by rounding. Such a step makes no update (skip_update).
+    skipped = skip_update(adv)
     # a response with zero advantage and no KL term has no gradient: leave it out
-    keep = [[s for s in range(cfg.samples) if adv[i, s] != 0 or cfg.kl_coef] for i in range(len(problems))]
+    keep = [[s for s in range(cfg.samples) if not skipped and (adv[i, s] != 0 or cfg.kl_coef)]
+            for i in range(len(problems))]
     groups = [i for i in range(len(problems)) if keep[i]]
     per_micro = max(1, cfg.micro_batch // cfg.samples)                                  # problems per micro-batch
     for g in range(0, len(groups), per_micro):
@@ -191,7 +206,8 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
         opt.step()
     n_tokens = sum(len(c.tokens) for c in comps)
     return {"reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct), **parts,
-            "grad_norm": grad_norm, "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
+            "grad_norm": grad_norm, "skipped": skipped,
+            "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
             "agree_share": (rewards.view(len(problems), -1).std(1) == 0).float().mean().item(),  # all samples agree
             "tokens": n_tokens, "rollout_tok_s": n_tokens / (t1 - t0), "t_rollout": t1 - t0,
             "t_score": t2 - t1, "t_backward": t3 - t2, "t_step": time.perf_counter() - t0}
@@ -222,7 +238,7 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
     loss -A log pi_z(a|x) + lambda KL(pi_z || pi_base); cfg.micro_batch problems per forward pass."""
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    rewards_all, parts = [], {"pg": 0.0, "kl": 0.0}
+    rewards_all, advs, parts = [], [], {"pg": 0.0, "kl": 0.0}
     T = max(cfg.temperature, 1e-3)
     for i in range(0, len(problems), cfg.micro_batch):
         group = problems[i:i + cfg.micro_batch]
@@ -238,6 +254,7 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
             responses = task.option_responses(p)
             r = torch.tensor([task.score(p, responses[a]) for a in actions.tolist()], dtype=torch.float32) * 2 - 1
             adv = advantages(r[None], cfg.baseline)[0].to(logpi.device)                    # (samples,)
+            advs.append(adv)
             kl = (logpi.exp() * (logpi - torch.log_softmax(lb, -1))).sum()
             pg = -(adv * logpi[actions]).sum() / (len(problems) * cfg.samples)
             loss = loss + pg + cfg.kl_coef * kl / len(problems)
@@ -246,11 +263,15 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
             rewards_all.append(r)
         loss.backward()
     train_mode(model, None)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item()
-    opt.step()
+    skipped = skip_update(torch.cat(advs))  # no reward signal: no update, as in train_step
+    grad_norm = 0.0 if skipped else torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item()
+    if not skipped:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
     rewards = torch.stack(rewards_all)
     return {"reward": rewards.mean().item(), "accuracy": (rewards > 0).float().mean().item(), **parts,
-            "grad_norm": grad_norm, "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
+            "grad_norm": grad_norm, "skipped": skipped,
+            "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
             "agree_share": (rewards.std(1) == 0).float().mean().item(), "t_step": time.perf_counter() - t0}
 
 

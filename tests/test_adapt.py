@@ -113,6 +113,7 @@ def test_classify_uses_z_then_returns_to_base():
     assert with_z == [adapt.LABELS[k] for k in want]
     svf.use_expert(model, None)
     assert all(m.merged is None for m in svf.wrappers(model).values())
+    assert adapt.classify(model, tok, questions, z=z, share_prefix=False) == with_z  # bench.py's "in full" peer
 
 
 def test_the_first_pass_reads_the_opening_of_a_long_question(monkeypatch):

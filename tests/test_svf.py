@@ -332,3 +332,43 @@ def test_option_rollout_learns_the_rewarded_option(tmp_path, monkeypatch):
     assert end > start + 0.05, (start, end)
     assert rl.option_accuracy(model, tok, task, problems, z) >= before
     assert set(stats) >= {"reward", "accuracy", "kl", "grad_norm"}
+
+
+class ToyNeverRightTask(ToyTask):
+    """Every response is wrong: with a baseline, every advantage is zero."""
+    def score(self, p, response):
+        return False
+
+
+@pytest.mark.parametrize("baseline,updates", [("loo", False), ("mean", False), ("none", True)])
+def test_a_step_without_reward_signal_makes_no_update(baseline, updates, tmp_path, monkeypatch):
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    model = tiny_model(torch.float32)
+    svf.attach(model, svf.decompose(model, "mlp"))
+    z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
+    before = {n: v.detach().clone() for n, v in z.items()}
+    opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
+    cfg = rl.TrainConfig(samples=3, temperature=1.0, kl_coef=0.1, baseline=baseline, micro_batch=6, gen_batch=6)
+    stats = rl.train_step(model, ToyTokenizer(), ToyNeverRightTask(), toy_problems(2, 0), z, opt, cfg,
+                          torch.Generator().manual_seed(0))
+    moved = max((z[n].detach() - before[n]).abs().max().item() for n in z)
+    assert stats["reward"] == -1.0 and stats["skipped"] is not updates
+    if updates:  # the paper's plain rewards (-1 for all) still push: the update is made
+        assert moved > 1e-3 and stats["grad_norm"] > 0
+    else:        # all advantages zero: z and AdamW's state are untouched
+        assert moved == 0.0 and stats["grad_norm"] == 0.0 and not opt.state
+
+
+def test_an_option_step_without_reward_signal_makes_no_update(tmp_path, monkeypatch):
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    model, tok = tiny_model(torch.float32), ToyTokenizer()
+    tok.encode = lambda text: [3 + ord(c) % 60 for c in text]
+    task = ToyChoiceTask()
+    task.score = lambda p, response: False
+    svf.attach(model, svf.decompose(model, "mlp"))
+    z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
+    opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
+    cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.1, baseline="loo", micro_batch=6)
+    stats = rl.option_step(model, tok, task, toy_problems(3, 0), z, opt, cfg, torch.Generator().manual_seed(0))
+    assert stats["skipped"] and not opt.state
+    assert all(torch.equal(v.detach(), torch.ones_like(v)) for v in z.values())
