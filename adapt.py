@@ -205,12 +205,16 @@ def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 
     n_elite = max(1, round(population * elite_ratio))
     best: torch.Tensor | None = None
     history = []
-    bar = tqdm(range(generations), desc="CEM", leave=False)
-    for gen in bar:
+    # one tick per objective call: a call can take minutes (the k shots are answered anew)
+    bar = tqdm(total=generations * (population + 1) - 1, desc="CEM", unit="candidate", leave=False)
+    for gen in range(generations):
         t0 = time.perf_counter()
         samples = (mean + std * torch.randn(population, dim, generator=g, dtype=torch.float64)).clamp(*clamp)
         candidates = list(samples) + ([] if best is None else [best])   # the previous best is re-evaluated
-        scores = [tuple(objective(a)) for a in candidates]
+        scores = []
+        for a in candidates:
+            scores.append(tuple(objective(a)))
+            bar.update(1)
         order = sorted(range(len(candidates)), key=lambda i: scores[i], reverse=True)
         elites = torch.stack([candidates[i] for i in order[:n_elite]])  # (n_elite, dim)
         mean, std = elites.mean(0), elites.std(0, unbiased=False)
@@ -219,7 +223,9 @@ def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 
                         "population_mean": [sum(s[k] for s in scores) / len(scores) for k in range(2)],
                         "alpha_mean": mean.tolist(), "alpha_std": std.tolist(), "best_alpha": best.tolist(),
                         "seconds": time.perf_counter() - t0})
-        bar.set_postfix(acc=f"{scores[order[0]][0]:.2f}", loglik=f"{scores[order[0]][1]:.3f}")
+        bar.set_postfix(generation=f"{gen + 1}/{generations}", acc=f"{scores[order[0]][0]:.2f}",
+                        loglik=f"{scores[order[0]][1]:.3f}")
+    bar.close()
     return best, history
 
 
