@@ -31,6 +31,8 @@ extracted answer, verdict and the expert that answered (with the first pass's la
 written as JSONL, the summary (with first- and second-pass times) as JSON, into
 --out/<strategy>/<task>/ (the folder is printed); fewshot adds fewshot.json (alpha, shots,
 the CEM history) and fewshot.safetensors (the adapted z', usable as --strategy expert:PATH).
+While a task runs, its first pass and each batch of answers are saved to partial.jsonl there;
+after an interruption, the same command with --resume goes on from them.
 """
 from __future__ import annotations
 
@@ -120,10 +122,11 @@ def load_experts(model, paths: dict[str, Path]) -> dict[str, dict]:
 
 
 def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None], choice: list[str],
-           batch_size: int, max_new_tokens: int, how: str = "generate") -> list[Completion]:
+           batch_size: int, max_new_tokens: int, how: str = "generate", on_batch=None) -> list[Completion]:
     """Second pass: answer each problem with the expert chosen for it, grouped by expert so that
     each expert's weights are composed once and its problems are generated in batches
-    (how="likelihood": the likeliest option is the answer, see choose_options)."""
+    (how="likelihood": the likeliest option is the answer, see choose_options).
+    on_batch(indices into problems, completions) sees each batch as it is done."""
     completions = [None] * len(problems)
     for name in sorted(set(choice)):
         idx = [i for i, c in enumerate(choice) if c == name]
@@ -131,12 +134,13 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
             lora.use_adapter(model, experts[name])
         else:
             svf.use_expert(model, experts[name], key=name)
+        done = None if on_batch is None else lambda js, outs: on_batch([idx[j] for j in js], outs)
         if how == "likelihood":
             outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size,
-                                  desc=f"{task.name} [{name}, likelihood]")
+                                  desc=f"{task.name} [{name}, likelihood]", on_batch=done)
         else:
             prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
-            outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]",
+            outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]", on_batch=done,
                                 max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
         for i, c in zip(idx, outs):
             completions[i] = c
@@ -146,15 +150,40 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
 
 
 @torch.inference_mode()
-def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int, desc: str = "") -> list[Completion]:
+def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int, desc: str = "",
+                   on_batch=None) -> list[Completion]:
     """The option whose reply has the highest log-likelihood (summed over its tokens) under the
     current weights; its text is the response, scored like a generated one."""
     outs = []
     for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         group = problems[i:i + batch_size]
-        for p, lp in zip(group, rl.option_logits(model, tokenizer, task, group, 1.0)):
-            outs.append(Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood"))
+        chosen = [Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood")
+                  for p, lp in zip(group, rl.option_logits(model, tokenizer, task, group, 1.0))]
+        outs += chosen
+        if on_batch:
+            on_batch(list(range(i, i + len(group))), chosen)
     return outs
+
+
+def strategy_experts(strategy: str, loaded: dict[str, dict]) -> dict[str, dict | None]:
+    """The experts a strategy's second pass answers with, by name (None: the base model);
+    fewshot's z' is made by its first pass."""
+    if strategy == "base":
+        return {"base": None}
+    if strategy.startswith("expert:"):
+        name = strategy.split(":", 1)[1]
+        return {name: loaded[name]}
+    if strategy.startswith("adapter:"):
+        return {strategy: loaded[strategy]}
+    if strategy in ("prompt", "cls"):
+        return {**{n: loaded[n] for n in DOMAIN_EXPERTS}, "base": None}
+    return {}
+
+
+def fewshot_name(task) -> str:
+    """fewshot's z' by name; the name holds the task, so that answer()'s cache of composed weights
+    never mixes tasks up."""
+    return f"fewshot-{task.name}"
 
 
 def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
@@ -164,20 +193,16 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
     """Decide the expert of every problem: choice[i] names it, experts maps names to z (None: the base
     model); labels[i] is the category the classifier read (prompt, cls), else None."""
     labels: list[str | None] = [None] * len(problems)
-    if strategy == "base":
-        return ["base"] * len(problems), {"base": None}, labels
-    if strategy.startswith("expert:"):
-        name = strategy.split(":", 1)[1]
-        return [name] * len(problems), {name: loaded[name]}, labels
-    if strategy.startswith("adapter:"):
-        return [strategy] * len(problems), {strategy: loaded[strategy]}, labels
+    experts = strategy_experts(strategy, loaded)
     if strategy in ("prompt", "cls"):
         questions = [task.messages(p)[-1]["content"] for p in problems]  # what the second pass's user says
         labels = adapt.classify(model, tokenizer, questions, loaded["cls"] if strategy == "cls" else None,
                                 batch_size, classify)
-        return adapt.dispatch(labels), {**{n: loaded[n] for n in DOMAIN_EXPERTS}, "base": None}, labels
-    # fewshot; the name holds the task, so that answer()'s cache of composed weights never mixes tasks up
-    name = f"fewshot-{task.name}"
+        return adapt.dispatch(labels), experts, labels
+    if strategy != "fewshot":  # one expert (or the base model, or an adapter) for every problem
+        [name] = experts
+        return [name] * len(problems), experts, labels
+    name = fewshot_name(task)
     z, report = adapt.fewshot(model, tokenizer, task, shot_problems, {n: loaded[n] for n in DOMAIN_EXPERTS},
                               per_layer, generations, population, seed, how)
     (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -189,10 +214,44 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
     return [name] * len(problems), {name: z}, labels
 
 
+# ----------------------------------------------------------------------------- an interrupted run goes on
+PARTIAL = "partial.jsonl"  # in a task's output folder while its evaluation is unfinished
+
+
+def resume_from(path: Path, run: dict, resume: bool) -> tuple[dict | None, dict[str, dict]]:
+    """What an interrupted run of this same evaluation saved in path: its first pass (None if it did not
+    finish it) and its answers by problem id. Without resume, or with nothing saved, path starts anew.
+
+    The file's JSON lines: {"run": settings} first, {"first_pass": ...} once that is done, then one
+    {"answer": ...} per problem as its batch is done. A line cut short by the interruption is dropped."""
+    if not (resume and path.exists()):
+        path.write_text(json.dumps({"run": run}) + "\n")
+        return None, {}
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    saved = records[0].get("run", {}) if records else {}
+    if saved != run:
+        differ = sorted(k for k in run.keys() | saved.keys() if saved.get(k) != run.get(k))
+        raise SystemExit(f"error: {path} holds an evaluation with other settings ({', '.join(differ)}); "
+                         "run without --resume to start it again")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))  # without a cut-off last line
+    first = next((r["first_pass"] for r in records if "first_pass" in r), None)
+    return first, {r["answer"]["id"]: r["answer"] for r in records if "answer" in r}
+
+
+def append_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[str, dict], split: str, limit: int,
                   seed: int, batch_size: int, max_new_tokens: int, workers: int, out_dir: Path, command: str,
                   shots: int, generations: int, population: int, per_layer: bool, classify: str,
-                  how: str = "generate") -> dict:
+                  how: str = "generate", resume: bool = False) -> dict:
     task = data.TASKS[task_name]
     every = data.load(task_name, split)
     problems, shot_problems = subset(every, limit, seed), []
@@ -203,11 +262,55 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     folder = strategy.replace(":", "-").replace("/", "_") + ("-likelihood" if how == "likelihood" else "")
     out = out_dir / folder / task_name
     out.mkdir(parents=True, exist_ok=True)
+    # what makes two runs the same evaluation, so that --resume continues only the same one
+    run = {"task": task_name, "strategy": strategy, "answer": how, "split": split, "limit": limit, "seed": seed,
+           "max_new_tokens": max_new_tokens, "base_model": svf.model_fingerprint(model),
+           **({"shots": shots, "generations": generations, "population": population, "per_layer": per_layer}
+              if strategy == "fewshot" else {}), **({"classify": classify} if strategy in ("prompt", "cls") else {})}
+    if resume and (out / "summary.json").exists() and not (out / PARTIAL).exists():
+        done = json.loads((out / "summary.json").read_text())
+        if done.get("run") == run:
+            print(f"{task_name}: already evaluated in {out} (--resume)", flush=True)
+            return done
+    first, saved = resume_from(out / PARTIAL, run, resume)
+    resumed = first is not None
     t0 = time.perf_counter()
-    choice, experts, labels = first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
-                                         generations, population, per_layer, classify, batch_size, seed, out, how)
+    if first is None:
+        choice, experts, labels = first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
+                                             generations, population, per_layer, classify, batch_size, seed, out, how)
+        first = {"seconds": time.perf_counter() - t0, "choice": choice, "labels": labels}
+        append_line(out / PARTIAL, {"first_pass": first})
+    else:  # resumed: the first pass's decisions, and few-shot's z' from its file
+        choice, labels, experts = first["choice"], first["labels"], strategy_experts(strategy, loaded)
+        if strategy == "fewshot":
+            experts = {fewshot_name(task): svf.Expert.load(out / "fewshot.safetensors", model).z}
+    # the second pass, for the problems that an interrupted run did not answer
+    completions: list[Completion | None] = [None] * len(problems)
+    second_s = 0.0
+    for i, p in enumerate(problems):
+        r = saved.get(p["id"])
+        if r is not None and r["expert"] == choice[i]:
+            completions[i] = Completion(r["tokens"], r["text"], finish=r["finish"])
+            second_s += r["seconds"]
+    todo = [i for i, c in enumerate(completions) if c is None]
+    if resumed:
+        print(f"{task_name}: resuming in {out}: the first pass and {len(problems) - len(todo)} of {len(problems)} "
+              "answers were saved", flush=True)
+    clock = [time.perf_counter()]
+
+    def keep(js: list[int], outs: list[Completion]) -> None:  # each batch as it is done, with its time
+        now = time.perf_counter()
+        each, clock[0] = (now - clock[0]) / len(js), now
+        for j, c in zip(js, outs):
+            i = todo[j]
+            completions[i] = c
+            append_line(out / PARTIAL, {"answer": {"id": problems[i]["id"], "expert": choice[i], "text": c.text,
+                                                   "tokens": c.tokens, "finish": c.finish, "seconds": each}})
+
     t1 = time.perf_counter()
-    completions = answer(model, tokenizer, task, problems, experts, choice, batch_size, max_new_tokens, how)
+    answer(model, tokenizer, task, [problems[i] for i in todo], experts, [choice[i] for i in todo], batch_size,
+           max_new_tokens, how, on_batch=keep)
+    second_s += time.perf_counter() - t1
     t2 = time.perf_counter()
     verdicts = task.score_many(problems, [c.text for c in completions], workers=workers)
     t3 = time.perf_counter()
@@ -224,10 +327,10 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
         "labels": dict(Counter(labels)) if classified else None,
         "routing_accuracy": sum(l == task.domain for l in labels) / n if classified else None,  # label == domain
         "shots": [s["id"] for s in shot_problems] or None,
-        "first_pass_s": t1 - t0, "second_pass_s": t2 - t1, "scoring_s": t3 - t2,
-        "first_pass_share": (t1 - t0) / (t2 - t1),  # paper Table 3: first pass as a share of the second
+        "first_pass_s": first["seconds"], "second_pass_s": second_s, "scoring_s": t3 - t2,
+        "first_pass_share": first["seconds"] / second_s,  # paper Table 3: first pass as a share of the second
         "generated_tokens": sum(len(c.tokens) for c in completions), "limit": limit, "seed": seed,
-        "command": command,
+        "command": command, "resumed": resumed, "run": run,
     }
     with open(out / "responses.jsonl", "w") as f:
         for p, c, e, v, ch, lab in zip(problems, completions, extracted, verdicts, choice, labels):
@@ -235,11 +338,13 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
                                 "response": c.text, "extracted": e, "gold": p.get("answer"), "correct": v,
                                 "finish": c.finish, "tokens": len(c.tokens)}) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / PARTIAL).unlink()  # finished: responses.jsonl and summary.json hold everything
     dist = f"  answers {summary['answer_distribution']}" if summary["answer_distribution"] else ""
     routed = f"  experts {summary['experts']}" if classified else ""
     shown = strategy + (" (likelihood)" if how == "likelihood" else "")
     print(f"{task_name:14s} {shown:12s} accuracy {correct / n:6.1%}  {correct}/{n}  95% CI [{lo:.1%}, {hi:.1%}]  "
-          f"no answer {summary['no_answer']}  first pass {t1 - t0:.0f}s, second {t2 - t1:.0f}s  -> {out}{dist}{routed}",
+          f"no answer {summary['no_answer']}  first pass {first['seconds']:.0f}s, second {second_s:.0f}s  "
+          f"-> {out}{dist}{routed}",
           flush=True)
     return summary
 
@@ -284,7 +389,7 @@ def load_adapter(model, name: str) -> dict:
 def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size: int, max_new_tokens: int,
          workers: int, model: str | None, device: str, dtype: str, threads: int, out: str, shots: int,
          generations: int, population: int, per_layer: bool, classify: str, experts_dir: str,
-         adapter: str | None, how: str = "generate", routing_only: bool = False) -> list[dict]:
+         adapter: str | None, how: str = "generate", routing_only: bool = False, resume: bool = False) -> list[dict]:
     tasks = list(data.SPLITS) if task == "all" else UNSEEN if task == "unseen" else task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
@@ -316,9 +421,13 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
     if adapter:
         strategy = f"adapter:{adapter}"
         loaded[strategy] = load_adapter(net, adapter)
-    return [evaluate_task(net, tokenizer, t, strategy, loaded, split, limit, seed, batch_size, max_new_tokens, workers,
-                          Path(out), command, shots, generations, population, per_layer, classify, how)
-            for t in tasks]
+    try:
+        return [evaluate_task(net, tokenizer, t, strategy, loaded, split, limit, seed, batch_size, max_new_tokens,
+                              workers, Path(out), command, shots, generations, population, per_layer, classify, how,
+                              resume) for t in tasks]
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ninterrupted: the answers given so far are kept in {out}/.../{PARTIAL}; "
+                         "run the same command with --resume to go on from there")
 
 
 if __name__ == "__main__":
@@ -344,6 +453,9 @@ if __name__ == "__main__":
     p.add_argument("--answer", dest="how", default="generate", choices=["generate", "likelihood"],
                    help="generate: greedy replies, parsed (default); likelihood: ARC only, the option likeliest "
                         "as the reply to the bare question, no generation (default: generate)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted evaluation of the same settings: keep its first pass and the "
+                        "answers it saved (OUT/STRATEGY/TASK/partial.jsonl), skip tasks already done (default: off)")
     p.add_argument("--routing", dest="routing_only", action="store_true",
                    help="instead of a task: label the training tasks' validation questions with the prompt and the "
                         "cls first pass, and write their confusion matrices to OUT/routing/ (--limit: a subset)")

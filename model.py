@@ -428,17 +428,21 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def generate_all(model: Transformer, tokenizer, prompts: list[list[int]], batch_size: int, desc: str = "generate",
-                 **kwargs) -> list[Completion]:
+                 on_batch=None, **kwargs) -> list[Completion]:
     """generate() over many prompts in batches of similar length (less padding), with a progress bar.
-    Results come back in the prompts' order; kwargs go to generate()."""
+    Results come back in the prompts' order; kwargs go to generate(). on_batch(indices, completions),
+    if given, sees each batch as it finishes (to save work as it is done)."""
     from tqdm import tqdm
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Completion | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            for j, c in zip(idx, generate(model, tokenizer, [prompts[j] for j in idx], **kwargs)):
+            outs = generate(model, tokenizer, [prompts[j] for j in idx], **kwargs)
+            for j, c in zip(idx, outs):
                 out[j] = c
+            if on_batch:
+                on_batch(idx, outs)
             bar.update(len(idx))
     return out
 

@@ -1,4 +1,5 @@
 """adapt.py and eval.py's two passes (paper section 3.2): classification, dispatch, CEM, few-shot mixing."""
+import json
 import pytest
 import torch
 
@@ -381,3 +382,50 @@ def test_routing_confusion_matrices_count_each_question_once(tmp_path, monkeypat
         assert got["correct"] == sum(r == p["answer"] for r, p in zip(read, toy))
     assert summary["prompt"]["confusion"] != summary["cls"]["confusion"]  # the expert reads differently
     assert (tmp_path / "routing" / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- an interrupted evaluation
+class ScoredEchoTask(EchoTask):
+    """EchoTask with what eval.py's scoring asks of a task."""
+    def extract(self, response: str, problem: dict | None = None) -> str | None:
+        return next((c for c in response if c in "abc"), None)
+
+    def score_many(self, problems, responses, workers=1):
+        return [self.score(p, r) for p, r in zip(problems, responses)]
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatch):
+    import model as model_module
+    model, tok = tiny_model(), CharTokenizer()
+    monkeypatch.setitem(data.TASKS, "echo", ScoredEchoTask())
+    monkeypatch.setattr(data, "load", lambda name, split: toy_problems(7))
+    kw = dict(model=model, tokenizer=tok, task_name="echo", strategy="base", loaded={}, split="test", limit=0,
+              seed=0, batch_size=2, max_new_tokens=0, workers=1, command="test", shots=10, generations=1,
+              population=2, per_layer=False, classify="likelihood")
+    straight = evaluation.evaluate_task(**kw, out_dir=tmp_path / "a")
+    real_generate, calls = model_module.generate, []
+
+    def generate_then_interrupt(*args, stop_after=None, **kwargs):  # Ctrl-C during the third batch
+        calls.append(len(args[2]))
+        if stop_after is not None and len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(model_module, "generate", lambda *a, **k: generate_then_interrupt(*a, stop_after=2, **k))
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_task(**kw, out_dir=tmp_path / "b")
+    partial = tmp_path / "b" / "base" / "echo" / evaluation.PARTIAL
+    with open(partial, "a") as f:
+        f.write('{"answer": {"id": "toy/6", "exp')  # a line cut short as the process died
+    with pytest.raises(SystemExit, match="other settings \\(limit\\)"):
+        evaluation.evaluate_task(**{**kw, "limit": 5}, out_dir=tmp_path / "b", resume=True)
+    calls.clear()
+    monkeypatch.setattr(model_module, "generate", generate_then_interrupt)
+    resumed = evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True)
+    assert sum(calls) == 3  # only the 3 problems the interrupted run had not answered
+    assert not partial.exists() and resumed["resumed"] and not straight["resumed"]
+    read = lambda d: [json.loads(l) for l in (d / "base" / "echo" / "responses.jsonl").read_text().splitlines()]
+    assert read(tmp_path / "b") == read(tmp_path / "a")
+    assert {k: resumed[k] for k in ("n", "correct", "generated_tokens")} == \
+        {k: straight[k] for k in ("n", "correct", "generated_tokens")}
+    calls.clear()  # once finished, --resume skips the task
+    assert evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True) == resumed and not calls
