@@ -58,6 +58,8 @@ class TrainConfig:
     validation: str = "generate"   # generate: greedy answers, as eval.py reads them; options: the likeliest option
     clip: float = 1.0              # gradient-norm clipping
     micro_batch: int = 8           # sequences per forward/backward (gradient accumulation)
+    micro_tokens: int = 4096       # and at most this many padded tokens (rows x longest row) in one: a
+                                   # backward pass keeps ~1.4 MB per token on SmolLM2-135M (a longer row goes alone)
     gen_batch: int = 32            # sequences per generation batch
     eval_every: int = 10           # validate every N steps (and at the end)
     val_limit: int = 100           # validation problems (0: all)
@@ -171,6 +173,20 @@ def rollout(model, tokenizer, task, problems, cfg: TrainConfig, z, generator):
     return prompts, comps
 
 
+def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped for forward/backward passes: rows of similar length together, at most max_rows
+    rows and max_tokens padded tokens (rows x the longest) in each, so that memory stays bounded
+    when one prompt is long (an MBPP prompt with its test data runs to 1,800 tokens)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):    # longest first: it sets the width
+        g = groups[-1] if groups else None
+        if g and len(g) < max_rows and (len(g) + 1) * lengths[g[0]] <= max_tokens:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator) -> dict:
     t0 = time.perf_counter()
     prompts, comps = rollout(model, tokenizer, task, problems, cfg, z, generator)
@@ -191,8 +207,10 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
             for i in range(len(problems))]
     groups = [i for i in range(len(problems)) if keep[i]]
     per_micro = max(1, cfg.micro_batch // cfg.samples)                                  # problems per micro-batch
-    for g in range(0, len(groups), per_micro):
-        idx = groups[g:g + per_micro]
+    width = [len(prompts[i * cfg.samples]) + sum(len(comps[i * cfg.samples + s].tokens) for s in keep[i])
+             for i in groups]                                                # a problem's packed row
+    for micro in micro_batches(width, per_micro, cfg.micro_tokens):
+        idx = [groups[m] for m in micro]
         samples = [[comps[i * cfg.samples + s].tokens for s in keep[i]] for i in idx]
         loss, p = reinforce_loss(model, z, [prompts[i * cfg.samples] for i in idx], samples,
                                  torch.cat([adv[i, keep[i]] for i in idx]), cfg.kl_coef, len(comps),
@@ -307,8 +325,8 @@ def sft_step(model, tokenizer, task, problems, params, opt, cfg: TrainConfig, ge
     opt.zero_grad(set_to_none=True)
     train_mode(model, params, generator)
     loss_sum = 0.0
-    for i in range(0, len(pairs), cfg.micro_batch):
-        prompts, responses = zip(*pairs[i:i + cfg.micro_batch])
+    for micro in micro_batches([len(p) + len(r) for p, r in pairs], cfg.micro_batch, cfg.micro_tokens):
+        prompts, responses = zip(*[pairs[i] for i in micro])
         logp = reply_logprobs(model, list(prompts), [[r] for r in responses], tokenizer.pad_id)  # [(1,), ...]
         loss = -torch.cat(logp).sum() / n_tokens
         loss.backward()

@@ -53,8 +53,9 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
         raise SystemExit("error: --rollout options is a way of sampling for --objective reinforce, not sft")
     if cfg.baseline == "loo" and cfg.samples < 2 and cfg.objective == "reinforce":
         raise SystemExit("error: --baseline loo needs --samples 2 or more")
-    if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.gen_batch) < 1:
-        raise SystemExit("error: --steps, --batch-size, --samples, --micro-batch and --gen-batch must be positive")
+    if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.micro_tokens, cfg.gen_batch) < 1:
+        raise SystemExit("error: --steps, --batch-size, --samples, --micro-batch, --micro-tokens and --gen-batch "
+                         "must be positive")
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
@@ -122,6 +123,9 @@ if __name__ == "__main__":
     p.add_argument("--clip", type=float, default=defaults["clip"], help="gradient-norm clipping")
     p.add_argument("--micro-batch", type=int, default=defaults["micro_batch"],
                    help="sequences per backward pass (with --rollout options: problems, each packed with its options)")
+    p.add_argument("--micro-tokens", type=int, default=defaults["micro_tokens"],
+                   help="at most this many padded tokens (rows x longest row) per backward pass, which bounds "
+                        "memory; a longer row goes alone")
     p.add_argument("--gen-batch", type=int, default=defaults["gen_batch"], help="sequences per generation batch")
     p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="validate every N steps and at the end (0: never; then only last.safetensors)")
     p.add_argument("--val-limit", type=int, default=defaults["val_limit"], help="validation problems (0: all)")

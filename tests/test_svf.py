@@ -245,9 +245,9 @@ def toy_problems(n, seed):
 
 def run_toy(out, steps, resume=False, interrupt_at=None, monkeypatch=None, **overrides):
     model = tiny_model(torch.float32)
-    cfg = rl.TrainConfig(task="toy", targets="mlp", steps=steps, batch_size=2, samples=3, temperature=1.0,
-                         lr=0.05, kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, eval_every=2,
-                         val_limit=0, seed=3, **overrides)
+    cfg = rl.TrainConfig(**{**dict(task="toy", targets="mlp", steps=steps, batch_size=2, samples=3, temperature=1.0,
+                                   lr=0.05, kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, eval_every=2,
+                                   val_limit=0, seed=3), **overrides})
     step_name = "sft_step" if cfg.objective == "sft" else "train_step"
     if interrupt_at is not None:  # a Ctrl-C arriving during step `interrupt_at`
         import os
@@ -372,3 +372,28 @@ def test_an_option_step_without_reward_signal_makes_no_update(tmp_path, monkeypa
     stats = rl.option_step(model, tok, task, toy_problems(3, 0), z, opt, cfg, torch.Generator().manual_seed(0))
     assert stats["skipped"] and not opt.state
     assert all(torch.equal(v.detach(), torch.ones_like(v)) for v in z.values())
+
+
+def test_micro_batches_bound_rows_and_padded_tokens():
+    lengths = [5, 300, 40, 41, 2000, 39, 7, 300]
+    groups = rl.micro_batches(lengths, max_rows=3, max_tokens=400)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row once
+    for g in groups:
+        assert len(g) <= 3 and (len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 400)
+    assert [4] in groups  # the long row goes alone
+    assert rl.micro_batches(lengths, 8, 10**9) == [sorted(range(8), key=lambda i: -lengths[i])]
+
+
+@pytest.mark.parametrize("method,objective", [("lora", "sft"), ("svf", "reinforce")])
+def test_splitting_the_backward_pass_by_tokens_changes_nothing(method, objective, tmp_path, monkeypatch):
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    kw = dict(method=method, objective=objective, lora_rank=2, lora_dropout=0.0, micro_batch=6)  # 2 problems a pass
+    whole = run_toy(tmp_path / "a", steps=3, **kw)
+    split = run_toy(tmp_path / "b", steps=3, micro_tokens=1, **kw)  # every row in a pass of its own
+    keys = ("loss",) if objective == "sft" else ("pg", "kl", "reward")
+    for a, b in zip(whole[1:], split[1:]):
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=1e-4, abs=1e-6)
+    File = svf.Expert if method == "svf" else lora.Adapter
+    a, b = File.load(tmp_path / "a" / "last.safetensors"), File.load(tmp_path / "b" / "last.safetensors")
+    ta, tb = (a.z, b.z) if method == "svf" else (a.params, b.params)
+    assert all(torch.allclose(ta[n], tb[n], atol=1e-5) for n in ta)
