@@ -192,22 +192,31 @@ Score = tuple[float, float]  # (accuracy, mean log-likelihood of the correct ans
 
 def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 32, elite_ratio: float = 0.2,
         generations: int = 10, init_mean: float | None = None, init_std: float = 0.5,
-        clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+        clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0, history: list[dict] | None = None,
+        on_generation: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Maximise objective(alpha) over alpha in [0, 1]^dim; returns the best alpha and per-generation stats.
 
     Each generation samples `population` alphas from a diagonal Gaussian (clamped), evaluates them and
     the previous best again, refits mean and std on the top elite_ratio, and keeps the best. Scores are
     tuples, so ties on accuracy go to the higher log-likelihood. init_mean None: 1 / dim.
+    history: the generations an interrupted search (same settings) finished; the search goes on from
+    them exactly. on_generation(stats) sees each generation's stats as it ends (to save them).
     """
     g = torch.Generator().manual_seed(seed)
     mean = torch.full((dim,), 1 / dim if init_mean is None else init_mean, dtype=torch.float64)
     std = torch.full((dim,), init_std, dtype=torch.float64)
     n_elite = max(1, round(population * elite_ratio))
     best: torch.Tensor | None = None
-    history = []
+    history = list(history or [])
+    for _ in history:  # replay the draws of the generations done: the generator goes on where it was
+        torch.randn(population, dim, generator=g, dtype=torch.float64)
+    if history:
+        mean, std, best = (torch.tensor(history[-1][k], dtype=torch.float64)
+                           for k in ("alpha_mean", "alpha_std", "best_alpha"))
     # one tick per objective call: a call can take minutes (the k shots are answered anew)
-    bar = tqdm(total=generations * (population + 1) - 1, desc="CEM", unit="candidate", leave=False)
-    for gen in range(generations):
+    bar = tqdm(total=generations * (population + 1) - 1, initial=max(len(history) * (population + 1) - 1, 0),
+               desc="CEM", unit="candidate", leave=False)
+    for gen in range(len(history), generations):
         t0 = time.perf_counter()
         samples = (mean + std * torch.randn(population, dim, generator=g, dtype=torch.float64)).clamp(*clamp)
         candidates = list(samples) + ([] if best is None else [best])   # the previous best is re-evaluated
@@ -223,6 +232,8 @@ def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 
                         "population_mean": [sum(s[k] for s in scores) / len(scores) for k in range(2)],
                         "alpha_mean": mean.tolist(), "alpha_std": std.tolist(), "best_alpha": best.tolist(),
                         "seconds": time.perf_counter() - t0})
+        if on_generation:
+            on_generation(history[-1])
         bar.set_postfix(generation=f"{gen + 1}/{generations}", acc=f"{scores[order[0]][0]:.2f}",
                         loglik=f"{scores[order[0]][1]:.3f}")
     bar.close()
@@ -304,19 +315,20 @@ def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: lis
 
 
 def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: dict[str, dict],
-            per_layer: bool = False, generations: int = 10, population: int = 32,
-            seed: int = 0, answer: str = "generate") -> tuple[dict[str, torch.Tensor], dict]:
+            per_layer: bool = False, generations: int = 10, population: int = 32, seed: int = 0,
+            answer: str = "generate", history: list[dict] | None = None,
+            on_generation: Callable[[dict], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The adapted z' for a task, and a report: expert names, the best alpha, the shots' ids and the
     CEM history (for eval.py to save as JSON).
 
     Cost: population + 1 objective calls per generation (population in the first), each a greedy
     generation of the k shots plus a forward pass over their references. The paper ran 50-100
-    generations; 10 keeps a CPU run to hours rather than days."""
+    generations; 10 keeps a CPU run to hours rather than days. history, on_generation: see cem()."""
     names, zs = list(experts), list(experts.values())
     K, M = len(zs), len(zs[0])
     objective = fewshot_objective(model, tokenizer, task, shots, zs, per_layer, answer)
     alpha, history = cem(objective, K * M if per_layer else K, population, generations=generations,
-                         init_mean=1 / K, seed=seed)
+                         init_mean=1 / K, seed=seed, history=history, on_generation=on_generation)
     alphas = alpha.view(K, M) if per_layer else alpha
     report = {"task": task.name, "experts": names, "per_layer": per_layer, "answer": answer, "alpha": alphas.tolist(),
               "best": history[-1]["best"], "shots": [s["id"] for s in shots], "population": population,

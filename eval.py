@@ -188,10 +188,11 @@ def fewshot_name(task) -> str:
 
 def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
                shot_problems: list[dict], generations: int, population: int, per_layer: bool, classify: str,
-               batch_size: int, seed: int, out: Path,
-               how: str = "generate") -> tuple[list[str], dict[str, dict | None], list[str | None]]:
+               batch_size: int, seed: int, out: Path, how: str = "generate", searched: list[dict] | None = None,
+               on_generation=None) -> tuple[list[str], dict[str, dict | None], list[str | None]]:
     """Decide the expert of every problem: choice[i] names it, experts maps names to z (None: the base
-    model); labels[i] is the category the classifier read (prompt, cls), else None."""
+    model); labels[i] is the category the classifier read (prompt, cls), else None. fewshot: the search
+    goes on from the generations in `searched`, and on_generation(stats) sees each new one."""
     labels: list[str | None] = [None] * len(problems)
     experts = strategy_experts(strategy, loaded)
     if strategy in ("prompt", "cls"):
@@ -204,7 +205,7 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
         return [name] * len(problems), experts, labels
     name = fewshot_name(task)
     z, report = adapt.fewshot(model, tokenizer, task, shot_problems, {n: loaded[n] for n in DOMAIN_EXPERTS},
-                              per_layer, generations, population, seed, how)
+                              per_layer, generations, population, seed, how, searched, on_generation)
     (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
     adapt.save_adapted(out / "fewshot.safetensors", model, z, report)
     alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], torch.tensor(report["alpha"]).reshape(
@@ -218,15 +219,17 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
 PARTIAL = "partial.jsonl"  # in a task's output folder while its evaluation is unfinished
 
 
-def resume_from(path: Path, run: dict, resume: bool) -> tuple[dict | None, dict[str, dict]]:
+def resume_from(path: Path, run: dict, resume: bool) -> tuple[dict | None, dict[str, dict], list[dict]]:
     """What an interrupted run of this same evaluation saved in path: its first pass (None if it did not
-    finish it) and its answers by problem id. Without resume, or with nothing saved, path starts anew.
+    finish it), its answers by problem id, and the few-shot search's finished generations. Without
+    resume, or with nothing saved, path starts anew.
 
-    The file's JSON lines: {"run": settings} first, {"first_pass": ...} once that is done, then one
-    {"answer": ...} per problem as its batch is done. A line cut short by the interruption is dropped."""
+    The file's JSON lines: {"run": settings} first, one {"cem": ...} per CEM generation (fewshot), then
+    {"first_pass": ...} once that is done, then one {"answer": ...} per problem as its batch is done.
+    A line cut short by the interruption is dropped."""
     if not (resume and path.exists()):
         path.write_text(json.dumps({"run": run}) + "\n")
-        return None, {}
+        return None, {}, []
     records = []
     for line in path.read_text().splitlines():
         try:
@@ -240,7 +243,8 @@ def resume_from(path: Path, run: dict, resume: bool) -> tuple[dict | None, dict[
                          "run without --resume to start it again")
     path.write_text("".join(json.dumps(r) + "\n" for r in records))  # without a cut-off last line
     first = next((r["first_pass"] for r in records if "first_pass" in r), None)
-    return first, {r["answer"]["id"]: r["answer"] for r in records if "answer" in r}
+    return (first, {r["answer"]["id"]: r["answer"] for r in records if "answer" in r},
+            [r["cem"] for r in records if "cem" in r])
 
 
 def append_line(path: Path, record: dict) -> None:
@@ -272,13 +276,15 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
         if done.get("run") == run:
             print(f"{task_name}: already evaluated in {out} (--resume)", flush=True)
             return done
-    first, saved = resume_from(out / PARTIAL, run, resume)
-    resumed = first is not None
+    first, saved, searched = resume_from(out / PARTIAL, run, resume)
+    resumed = first is not None or bool(searched)
     t0 = time.perf_counter()
     if first is None:
         choice, experts, labels = first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
-                                             generations, population, per_layer, classify, batch_size, seed, out, how)
-        first = {"seconds": time.perf_counter() - t0, "choice": choice, "labels": labels}
+                                             generations, population, per_layer, classify, batch_size, seed, out, how,
+                                             searched, lambda stats: append_line(out / PARTIAL, {"cem": stats}))
+        seconds = time.perf_counter() - t0 + sum(h["seconds"] for h in searched)  # with the search's earlier part
+        first = {"seconds": seconds, "choice": choice, "labels": labels}
         append_line(out / PARTIAL, {"first_pass": first})
     else:  # resumed: the first pass's decisions, and few-shot's z' from its file
         choice, labels, experts = first["choice"], first["labels"], strategy_experts(strategy, loaded)
@@ -294,8 +300,8 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
             second_s += r["seconds"]
     todo = [i for i, c in enumerate(completions) if c is None]
     if resumed:
-        print(f"{task_name}: resuming in {out}: the first pass and {len(problems) - len(todo)} of {len(problems)} "
-              "answers were saved", flush=True)
+        print(f"{task_name}: resumed in {out}: " + (f"{len(searched)} CEM generations, " if searched else "") +
+              f"{len(problems) - len(todo)} of {len(problems)} answers were saved", flush=True)
     clock = [time.perf_counter()]
 
     def keep(js: list[int], outs: list[Completion]) -> None:  # each batch as it is done, with its time

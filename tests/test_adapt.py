@@ -429,3 +429,54 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatc
         {k: straight[k] for k in ("n", "correct", "generated_tokens")}
     calls.clear()  # once finished, --resume skips the task
     assert evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True) == resumed and not calls
+
+
+def test_an_interrupted_cem_search_goes_on_exactly_where_it_stopped():
+    target = torch.tensor([0.7, 0.1, 0.4], dtype=torch.float64)
+    objective = lambda a: (round(1 - (a - target).norm().item(), 1), -(a - target).norm().item())
+    best, history = adapt.cem(objective, 3, population=6, generations=5, seed=1)
+    saved, calls = [], []
+
+    def stopping(a):  # interrupted during generation 3
+        calls.append(1)
+        if len(calls) > 6 + 7 + 3:
+            raise KeyboardInterrupt
+        return objective(a)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.cem(stopping, 3, population=6, generations=5, seed=1, on_generation=saved.append)
+    assert len(saved) == 2
+    saved = json.loads(json.dumps(saved))  # as eval.py keeps them, in partial.jsonl
+    resumed_best, resumed = adapt.cem(objective, 3, population=6, generations=5, seed=1, history=saved)
+    strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
+    assert strip(resumed) == strip(history) and torch.equal(resumed_best, best)
+
+
+def test_a_fewshot_evaluation_interrupted_in_its_search_resumes_it(tmp_path, monkeypatch):
+    model, tok = tiny_model(), CharTokenizer()
+    monkeypatch.setitem(data.TASKS, "echo", ScoredEchoTask())
+    monkeypatch.setitem(data.SPLITS, "echo", {"test": 7})
+    monkeypatch.setattr(data, "load", lambda name, split: toy_problems(7))
+    loaded = {n: random_expert(model, i) for i, n in enumerate(evaluation.DOMAIN_EXPERTS)}
+    kw = dict(model=model, tokenizer=tok, task_name="echo", strategy="fewshot", loaded=loaded, split="test",
+              limit=0, seed=0, batch_size=4, max_new_tokens=0, workers=1, command="test", shots=2, generations=3,
+              population=2, per_layer=False, classify="likelihood")
+    straight = evaluation.evaluate_task(**kw, out_dir=tmp_path / "a")
+    real_generate, calls, interrupted = adapt.generate, [], []
+
+    def generate_then_interrupt(*args, **kwargs):  # the search's 4th candidate (generation 2), once
+        calls.append(1)
+        if len(calls) == 4 and not interrupted:
+            interrupted.append(1)
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(adapt, "generate", generate_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_task(**kw, out_dir=tmp_path / "b")
+    calls.clear()
+    resumed = evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True)
+    assert len(calls) == 3 + 3  # generations 2 and 3 only (2 samples and the previous best each)
+    report = lambda d: json.loads((d / "fewshot" / "echo" / "fewshot.json").read_text())
+    strip = lambda r: {**r, "history": [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]}
+    assert strip(report(tmp_path / "b")) == strip(report(tmp_path / "a"))
+    read = lambda d: (d / "fewshot" / "echo" / "responses.jsonl").read_text()
+    assert read(tmp_path / "b") == read(tmp_path / "a") and resumed["resumed"] and not straight["resumed"]
