@@ -302,11 +302,12 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     if resumed:
         print(f"{task_name}: resumed in {out}: " + (f"{len(searched)} CEM generations, " if searched else "") +
               f"{len(problems) - len(todo)} of {len(problems)} answers were saved", flush=True)
-    clock = [time.perf_counter()]
+    last = time.perf_counter()
 
     def keep(js: list[int], outs: list[Completion]) -> None:  # each batch as it is done, with its time
+        nonlocal last
         now = time.perf_counter()
-        each, clock[0] = (now - clock[0]) / len(js), now
+        each, last = (now - last) / len(js), now
         for j, c in zip(js, outs):
             i = todo[j]
             completions[i] = c
@@ -345,14 +346,19 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
                                 "finish": c.finish, "tokens": len(c.tokens)}) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / PARTIAL).unlink()  # finished: responses.jsonl and summary.json hold everything
-    dist = f"  answers {summary['answer_distribution']}" if summary["answer_distribution"] else ""
-    routed = f"  experts {summary['experts']}" if classified else ""
-    shown = strategy + (" (likelihood)" if how == "likelihood" else "")
-    print(f"{task_name:14s} {shown:12s} accuracy {correct / n:6.1%}  {correct}/{n}  95% CI [{lo:.1%}, {hi:.1%}]  "
-          f"no answer {summary['no_answer']}  first pass {first['seconds']:.0f}s, second {second_s:.0f}s  "
-          f"-> {out}{dist}{routed}",
-          flush=True)
+    print(summary_line(summary, out), flush=True)
     return summary
+
+
+def summary_line(s: dict, out: Path) -> str:
+    """The one line a finished task prints: accuracy, interval, times, where the files are."""
+    lo, hi = s["ci95"]
+    shown = s["strategy"] + (" (likelihood)" if s["answer"] == "likelihood" else "")
+    dist = f"  answers {s['answer_distribution']}" if s["answer_distribution"] else ""
+    routed = f"  experts {s['experts']}" if s["labels"] is not None else ""
+    return (f"{s['task']:14s} {shown:12s} accuracy {s['accuracy']:6.1%}  {s['correct']}/{s['n']}  "
+            f"95% CI [{lo:.1%}, {hi:.1%}]  no answer {s['no_answer']}  "
+            f"first pass {s['first_pass_s']:.0f}s, second {s['second_pass_s']:.0f}s  -> {out}{dist}{routed}")
 
 
 def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: int, out_dir: Path,
@@ -457,7 +463,7 @@ if __name__ == "__main__":
     p.add_argument("--adapter", default=None,
                    help="evaluate a LoRA adapter: NAME (adapters/NAME.safetensors) or a .safetensors path (default: none)")
     p.add_argument("--answer", dest="how", default="generate", choices=["generate", "likelihood"],
-                   help="generate: greedy replies, parsed (default); likelihood: ARC only, the option likeliest "
+                   help="generate: greedy replies, parsed; likelihood: ARC only, the option likeliest "
                         "as the reply to the bare question, no generation (default: generate)")
     p.add_argument("--resume", action="store_true",
                    help="go on with an interrupted evaluation of the same settings: keep its first pass and the "

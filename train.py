@@ -87,7 +87,9 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
 
 if __name__ == "__main__":
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass  # keeps the examples' line breaks and shows every default
+        """Keeps the examples' line breaks and shows every default but None (the help says what it means)."""
+        def _get_help_string(self, action):
+            return action.help if action.default is None else super()._get_help_string(action)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
     p.add_argument("--task", default="gsm8k", choices=TRAIN_TASKS, help="task to train the expert on")

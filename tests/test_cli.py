@@ -1,0 +1,38 @@
+"""Every command line explains every flag: each option has a help text, and --help shows no
+meaningless "(default: None)". The parsers are built inside each script's __main__ block, so the
+script is run as __main__ with parse_args replaced by a function that hands the parser back."""
+import argparse
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["model.py", "train.py", "eval.py", "bench.py", "results.py", "fetch.py", "data/__main__.py"]
+
+
+class Parsed(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
+
+
+def parser_of(script: str, monkeypatch) -> argparse.ArgumentParser:
+    def grab(self, *args, **kwargs):
+        raise Parsed(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    monkeypatch.setattr("sys.argv", [script])
+    with pytest.raises(Parsed) as caught:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    return caught.value.parser
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_has_help(script, monkeypatch):
+    parser = parser_of(script, monkeypatch)
+    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    assert options, f"{script}: no options found"
+    missing = [a.dest for a in options if not (a.help or "").strip()]
+    assert not missing, f"{script}: options without help: {missing}"
+    text = parser.format_help()
+    assert "(default: None)" not in text, f"{script}: --help shows '(default: None)'"
+    assert parser.description and parser.description.strip(), f"{script}: no description"
