@@ -76,6 +76,14 @@ def is_lora(params: dict | None) -> bool:
     return params is not None and next(iter(params)).endswith((".A", ".B"))
 
 
+def distance_from_base(params: dict) -> float:
+    """How far the trainable tensors are from the base model, for the log: max |z - 1| for SVF,
+    max |B| for LoRA (B = 0 is the base model whatever A is)."""
+    if is_lora(params):
+        return max(v.detach().abs().max().item() for n, v in params.items() if n.endswith(".B"))
+    return max((v.detach() - 1).abs().max().item() for v in params.values())
+
+
 def train_mode(model: Transformer, params: dict | None, generator: torch.Generator | None = None) -> None:
     """Differentiable forward passes with params; LoRA's dropout draws its masks from generator."""
     if params is None:
@@ -225,7 +233,7 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     n_tokens = sum(len(c.tokens) for c in comps)
     return {"reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct), **parts,
             "grad_norm": grad_norm, "skipped": skipped,
-            "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
+            "z_dev": distance_from_base(z),
             "agree_share": (rewards.view(len(problems), -1).std(1) == 0).float().mean().item(),  # all samples agree
             "tokens": n_tokens, "rollout_tok_s": n_tokens / (t1 - t0), "t_rollout": t1 - t0,
             "t_score": t2 - t1, "t_backward": t3 - t2, "t_step": time.perf_counter() - t0}
@@ -289,7 +297,7 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
     rewards = torch.stack(rewards_all)
     return {"reward": rewards.mean().item(), "accuracy": (rewards > 0).float().mean().item(), **parts,
             "grad_norm": grad_norm, "skipped": skipped,
-            "z_dev": max((v.detach() - 1).abs().max().item() for v in z.values()),
+            "z_dev": distance_from_base(z),
             "agree_share": (rewards.std(1) == 0).float().mean().item(), "t_step": time.perf_counter() - t0}
 
 

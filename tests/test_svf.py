@@ -290,6 +290,8 @@ def test_resumed_run_equals_uninterrupted_run(method, objective, tmp_path, monke
     moved = [(v - 1).abs().max() for v in a.z.values()] if method == "svf" else \
         [v.abs().max() for n, v in a.params.items() if n.endswith(".B")]  # z starts at 1, B at 0
     assert max(moved) > 1e-4
+    if objective == "reinforce":  # the log's distance from the base model is the method's own
+        assert straight[-1]["z_dev"] == pytest.approx(max(moved).item(), rel=1e-6)
 
 
 def test_sft_lowers_the_loss_of_the_reference_responses(tmp_path, monkeypatch):
