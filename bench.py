@@ -47,7 +47,7 @@ import data
 import fetch
 import rl
 import svf
-from model import ModelArgs, Transformer, common_prefix, generate, generate_all, left_pad
+from model import HelpFormatter, ModelArgs, Transformer, common_prefix, generate, generate_all, left_pad
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -650,14 +650,10 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
 
 
 if __name__ == "__main__":
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """Keeps the examples' line breaks and shows every default but None (the help says what it means)."""
-        def _get_help_string(self, action):
-            return action.help if action.default is None else super()._get_help_string(action)
     p = argparse.ArgumentParser(
         description="Speed and memory of the model and of SVF training, beside peers measured in the same run "
                     "(Hugging Face transformers, the plain base model).",
-        formatter_class=Formatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "all"), default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
                         "memory: only the peak-memory part of model (3 min); "

@@ -514,6 +514,14 @@ def _cut_at_stop(text: str, stop_strings) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every command line: the description's line breaks kept, every default shown but
+    None (there the flag's help says what it means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(prompt: str, max_new_tokens: int, chat: bool, model_path: str | None, device: str, dtype: str,
          temperature: float, top_p: float, seed: int) -> None:
     from checkpoint import load  # loading sits in checkpoint.py; imported here to keep the model readable
@@ -531,12 +539,8 @@ def main(prompt: str, max_new_tokens: int, chat: bool, model_path: str | None, d
 
 
 if __name__ == "__main__":
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """Keeps the examples' line breaks and shows every default but None (the help says what it means)."""
-        def _get_help_string(self, action):
-            return action.help if action.default is None else super()._get_help_string(action)
     p = argparse.ArgumentParser(description="Generate text with a pretrained Llama-family model.",
-                                formatter_class=Formatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--prompt", required=True, help="text to continue (or the user message with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="number of tokens to generate at most")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

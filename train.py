@@ -26,6 +26,7 @@ import torch
 import rl
 import svf
 from checkpoint import load
+from model import HelpFormatter
 
 TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")  # cls: the classification expert of adapt.py
 
@@ -86,11 +87,7 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
 
 
 if __name__ == "__main__":
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """Keeps the examples' line breaks and shows every default but None (the help says what it means)."""
-        def _get_help_string(self, action):
-            return action.help if action.default is None else super()._get_help_string(action)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
     p.add_argument("--task", default="gsm8k", choices=TRAIN_TASKS, help="task to train the expert on")
     p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
