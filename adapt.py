@@ -18,7 +18,7 @@ How the first pass reads the label. The paper lets the model write "\\boxed{cate
 parses it (parse_label, kept for method="generate"). SmolLM2-135M never did in our check (it
 answers the question instead), so by default classify() scores the four possible replies
 "\\boxed{code}", ... "\\boxed{other}" by their log-likelihood and takes the most likely one
-(model.reply_logprobs: one forward pass in which the prompt is computed once and the four
+(replies.reply_logprobs: one forward pass in which the prompt is computed once and the four
 replies branch off it), and never an unparsable answer.
 Training the classification expert raises the probability of the right reply "\\boxed{math}",
 which is exactly what this reading compares (see Classification for the rollouts it needs).
@@ -40,7 +40,8 @@ from tqdm import tqdm
 import data
 import rl
 import svf
-from model import Transformer, generate, reply_logprobs
+from model import Transformer, generate
+from replies import reply_logprobs
 
 # ----------------------------------------------------------------------------- first pass: classify
 LABELS = ("code", "math", "reasoning", "other")

@@ -47,7 +47,8 @@ import data
 import fetch
 import rl
 import svf
-from model import HelpFormatter, ModelArgs, Transformer, common_prefix, generate, generate_all, left_pad
+from model import HelpFormatter, ModelArgs, Transformer, generate, generate_all, left_pad
+from replies import common_prefix
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -542,7 +543,7 @@ def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
     """Paper Table 3: the first pass's cost as a share of the second pass's, per unseen task.
 
     The first pass is adapt.classify's: one forward pass per question scoring the four replies
-    "\\boxed{label}" (model.reply_logprobs); `cls` runs the same pass with z_c composed in (a switch,
+    "\\boxed{label}" (replies.reply_logprobs); `cls` runs the same pass with z_c composed in (a switch,
     timed below), so both strategies cost alike. Its prompts all begin with the same system prompt,
     which reply_logits computes once per batch; the peer computes every row in full. The second
     pass answers the same questions by greedy generation with the task's own token budget."""

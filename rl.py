@@ -30,7 +30,8 @@ import torch
 import data
 import lora
 import svf
-from model import Transformer, generate_all, reply_logits, reply_logprobs
+from model import Transformer, generate_all
+from replies import reply_logits, reply_logprobs
 
 
 @dataclass
@@ -149,7 +150,7 @@ def reinforce_loss(model: Transformer, z: dict, prompts: list[list[int]], sample
     response, in the same order. The sequence log-prob is the sum over its tokens (the plain
     REINFORCE estimator). Dividing by n_total (all responses of the step) makes accumulated
     micro-batch gradients equal one big batch. Each prompt is computed once for all its samples
-    (model.reply_logits packs them into one row).
+    (replies.reply_logits packs them into one row).
     """
     if kl_coef:
         train_mode(model, None)  # the base model pi_base: z = 1, no gradients
@@ -254,7 +255,7 @@ def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[
 
 def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:
     """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z.
-    One packed forward pass: each prompt is computed once, not once per option (model.reply_logprobs)."""
+    One packed forward pass: each prompt is computed once, not once per option (replies.reply_logprobs)."""
     prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
     return [lp / temperature for lp in reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)]
 

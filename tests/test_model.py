@@ -7,7 +7,8 @@ import torch
 
 import fetch
 from checkpoint import load_model
-from model import common_prefix, generate, reply_logprobs
+from model import generate
+from replies import common_prefix, reply_logprobs
 
 PROMPTS = [
     "The capital of France is",

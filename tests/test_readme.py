@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = "model|checkpoint|tokenizer|svf|lora|rl|adapt|data|train|eval|results|bench|fetch"
+MODULES = "model|replies|checkpoint|tokenizer|svf|lora|rl|adapt|data|train|eval|results|bench|fetch"
 FILE_ENDINGS = {"py", "txt", "json", "jsonl", "md", "png", "safetensors", "gguf", "model"}
 
 
