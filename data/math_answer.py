@@ -6,11 +6,13 @@ strip formatting that does not change the value (spaces, \\left/\\right, \\dfrac
 degrees, dollars, percent, trailing units in \\text{}), bring shorthand TeX to one form
 (\\frac12 -> \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}, 3/4 -> \\frac{3}{4}), then compare strings.
 We add only rewrites that cannot merge two different values: thousands separators in an
-integer (10,000 -> 10000) and equality of plain decimals by value (2.50 == 2.5, 18.0 == 18).
+integer (10,000 -> 10000) and equality by value of a plain decimal and a decimal or an integer
+fraction (2.50 == 2.5, 18.0 == 18, 0.50 == 1/2). (The standard checker rewrites the string "0.5" to
+\\frac{1}{2} before anything else, so 0.50 and 0.5 came out different; we compare values instead.)
 No symbolic algebra: \\frac{2}{4} and \\frac{1}{2} stay different, as in the standard checker.
 """
 import re
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 
 def last_boxed(text: str) -> str | None:
@@ -97,26 +99,29 @@ def normalize(answer: str) -> str:
         s = m.group(1)
     if re.fullmatch(r"-?\d{1,3}(\{,\}\d{3}|,\d{3})+(\.\d+)?", s):  # 10{,}000 or 10,000 -> 10000
         s = s.replace("{,}", "").replace(",", "")
-    if s == "0.5":  # as in the standard checker
-        s = "\\frac{1}{2}"
     return fix_slash(s)
 
 
-def as_decimal(s: str) -> Decimal | None:
-    if not re.fullmatch(r"-?\d+(\.\d+)?", s):
-        return None
-    try:
-        return Decimal(s)
-    except InvalidOperation:
-        return None
+def value(s: str) -> tuple[Fraction, bool] | None:
+    """The exact value of a normalised plain decimal ("2.50") or integer fraction ("\\frac{1}{2}"),
+    and whether it was written as a fraction; None for anything else."""
+    if re.fullmatch(r"-?\d+(\.\d+)?", s):
+        return Fraction(s), False
+    m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", s)
+    if m and int(m.group(3)):
+        return Fraction(int(m.group(2)), int(m.group(3))) * (-1 if m.group(1) else 1), True
+    return None
 
 
 def is_equiv(a: str | None, b: str | None) -> bool:
-    """True when two final answers are the same after normalisation. None never matches."""
+    """True when two final answers are the same after normalisation, or when a plain decimal has
+    the exact value of the other answer's decimal or integer fraction (0.50 = 0.5 = 1/2). Two
+    fractions are compared as written, as in the standard checker (2/4 is not a final 1/2).
+    None never matches."""
     if a is None or b is None:
         return False
     na, nb = normalize(a), normalize(b)
     if na == nb:
         return True
-    da, db = as_decimal(na), as_decimal(nb)
-    return da is not None and db is not None and da == db
+    va, vb = value(na), value(nb)
+    return va is not None and vb is not None and not (va[1] and vb[1]) and va[0] == vb[0]

@@ -232,8 +232,8 @@ class CodeTask(Task):
         """The program: the first fenced block that defines a function (else the first block,
         else the whole response, for a model that answers with bare code)."""
         blocks = code_blocks(response)
-        if not blocks:
-            return response.strip() or None
+        if not blocks:  # bare code: keep the first line's indentation (a function body starts indented)
+            return "\n".join(response.rstrip().splitlines()).lstrip("\n") or None
         want = f"def {problem['entry_point']}(" if problem and "entry_point" in problem else "def "
         return next((b for b in blocks if want in b), next((b for b in blocks if "def " in b), blocks[0]))
 

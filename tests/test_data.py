@@ -263,3 +263,31 @@ def test_math_scores_responses():
     assert not math.score(p, r"First \boxed{\frac{9}{7}}, but then \boxed{3}.")  # the last box counts
     assert not math.score(p, "I think it is nine sevenths.")
     assert not math.score(p, "")
+
+
+@pytest.mark.parametrize("a,b", [("0.50", "0.5"), ("0.50", "1/2"), ("0.5", r"\frac{1}{2}"), ("-0.25", r"-\frac{1}{4}"),
+                                 ("0.750", r"\dfrac34")])
+def test_math_decimals_equal_their_value_whatever_is_written(a, b):
+    # the standard checker rewrote the string "0.5" to \frac{1}{2} first: 0.50 == 0.5 came out False
+    assert is_equiv(a, b) and is_equiv(b, a)
+
+
+def test_math_real_problems_accept_a_decimal_of_their_fraction():
+    math, problems = TASKS["math"], {p["id"]: p for p in load("math", "test")}
+    for pid, decimal in (("math/test/481", "0.50"), ("math/test/261", "0.5"), ("math/test/335", "0.25"),
+                         ("math/test/353", "0.750")):
+        assert math.score(problems[pid], rf"So the answer is $\boxed{{{decimal}}}$."), pid
+    assert not math.score(problems["math/test/481"], r"$\boxed{0.05}$")
+
+
+def test_an_unfenced_humaneval_body_keeps_its_indentation():
+    """A model that answers with the bare body of the function ("    return ..."): the first line's
+    indentation is part of the program (stripping it made every such answer a syntax error)."""
+    task, right = TASKS["humaneval"], 0
+    problems = load("humaneval", "test")[:20]
+    for p in problems:
+        body = p["solution"].lstrip("\n")[len(p["prompt"].lstrip("\n")):]
+        assert body.startswith("    "), p["id"]
+        right += task.score(p, "\n" + body + "\n\n")
+    assert right == len(problems)
+    assert not task.score(problems[0], "    return None\n")
