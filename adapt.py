@@ -9,9 +9,12 @@ a. prompt   classify(..., z=None): the base model reads CLASSIFY_SYSTEM and the 
 b. cls      classify(..., z=z_c): the same prompt, read with the classification expert z_c, an
             SVF expert trained by rl.train on CLS_TASK (questions from the three training
             splits, labelled by domain: cls_problems; reward +1 for the right label).
-c. fewshot  fewshot(): mix the experts, z' = sum_k alpha_k z_k (svf.mix), and search alpha with
-            the cross-entropy method (cem) on k shots of the new task (fewshot_objective: accuracy
-            of greedy answers, ties broken by the log-likelihood of the reference answers).
+c. fewshot  fewshot(): mix the experts' changes, z' = 1 + sum_k alpha_k (z_k - 1) (svf.mix, which
+            keeps the model's scale where the paper's sum_k alpha_k z_k does not), and search alpha
+            with the cross-entropy method (cem) on k shots of the new task (fewshot_objective:
+            accuracy of greedy answers, ties broken by the mean per-token log-likelihood of the
+            shots' reference answers: the official code uses the model's own correct answers, which
+            a small model rarely has, so its ties would go unbroken).
             pick_shots draws the shots and removes them from the problems that are scored.
 
 How the first pass reads the label. The paper lets the model write "\\boxed{category}" and
@@ -25,7 +28,8 @@ which is exactly what this reading compares (see Classification for the rollouts
 
 Fixes to the official code (PAPER.md section 5): "other" really resets to the base model; the
 classification expert never sees an evaluation question; mixing happens in the space z was
-trained in (svf.mix on plain z).
+trained in (svf.mix on plain z), and a mixture of near-identity experts is the base model, not a
+rescaled one.
 """
 from __future__ import annotations
 
@@ -277,7 +281,7 @@ def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[li
 def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: list[dict],
                       per_layer: bool = False, answer: str = "generate") -> Callable[[torch.Tensor], Score]:
     """objective(alpha) -> (accuracy on the shots, mean log-likelihood of their correct answers), for
-    z' = svf.mix(experts, alpha). alpha: (K,), or (K * M,) with per_layer (one weight per expert per
+    z' = svf.mix(experts, alpha) = 1 + sum_k alpha_k (z_k - 1). alpha: (K,), or (K * M,) with per_layer (one weight per expert per
     matrix, M matrices). Weights are composed once per alpha, not cached.
 
     answer="generate": greedy answers, and the per-token log-likelihood of the reference responses.

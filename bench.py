@@ -247,7 +247,7 @@ def peak_child(kind: str, batch: int, new_tokens: int, threads: int, svd_cache: 
             model = checkpoint.load_model(path, "cpu", "float32")
             if kind == "svf":
                 svf.attach(model, svf.decompose(model, "mlp", cache_dir=svd_cache))
-                svf.use_expert(model, svf.ones(model), key="bench")
+                svf.use_expert(model, {n: 1.01 * v for n, v in svf.ones(model).items()})  # an expert: z = 1 keeps the base layers
             out["loaded"], out["resident_loaded"] = high_water(), resident()
             generate(model, without_stops(tok), prompts, new_tokens)
     out["peak"] = high_water()
@@ -475,18 +475,18 @@ def bench_svf(rep: Report, S: Sizes, threads: int, seed: int, figures: dict, mem
         rep.add(sec, "load cached decomposition", t_cached, "s", "decompose", t_svd, lower_is_better=True)
 
         stage("svf: switching experts")
-        # Switching experts: a new key composes W' = U diag(s*z) V^T for every matrix; a cached key does not.
+        # Switching experts: a new expert composes W' = W + U diag(s(z-1)) V^T for every matrix; a cached one does not.
         svf.attach(model, svd)
         g = torch.Generator().manual_seed(seed)
         experts = [{n: 1 + 0.01 * torch.randn(v.shape, generator=g) for n, v in svf.ones(model).items()}
                    for _ in range(S.reps + 1)]
-        t_new = min(race({"new": lambda e=e, k=k: svf.use_expert(model, e, key=f"bench-{k}")}, 1)["new"]
+        t_new = min(race({"new": lambda e=e, k=k: svf.use_expert(model, e, cache=True)}, 1)["new"]
                     for k, e in enumerate(experts))
-        t_hit = race({"hit": lambda: svf.use_expert(model, experts[-1], key=f"bench-{len(experts) - 1}")},
+        t_hit = race({"hit": lambda: svf.use_expert(model, experts[-1], cache=True)},
                      5)["hit"]
         svf.use_expert(model, None)
-        for k in range(len(experts)):
-            svf._MERGED.pop(f"bench-{k}", None)  # free the composed weights
+        for m in svf.wrappers(model).values():
+            m.cache.clear()  # free the composed weights
         rep.add(sec, "switch expert, new (recompose)", t_new, "s", "model load", t_load, lower_is_better=True)
         rep.add(sec, "switch expert, cached key", t_hit * 1e3, "ms", "switch, new (ms)", t_new * 1e3,
                 lower_is_better=True)
@@ -583,8 +583,8 @@ def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
     import eval as evaluate
     names = evaluate.DOMAIN_EXPERTS + ["cls"]
     experts = evaluate.load_experts(model, evaluate.resolve_experts(names, ROOT / "experts"))
-    t_new = race({n: lambda n=n: svf.use_expert(model, experts[n], key=f"bench-{n}") for n in names}, 1)
-    t_hit = race({n: lambda n=n: svf.use_expert(model, experts[n], key=f"bench-{n}") for n in names}, 5)
+    t_new = race({n: lambda n=n: svf.use_expert(model, experts[n], cache=True) for n in names}, 1)
+    t_hit = race({n: lambda n=n: svf.use_expert(model, experts[n], cache=True) for n in names}, 5)
     svf.use_expert(model, None)
     new, hit = sum(t_new.values()) / len(names), sum(t_hit.values()) / len(names)
     figures["switch_s"] = {"new": t_new, "cached": t_hit}

@@ -133,7 +133,7 @@ def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict
         if name.startswith("adapter:"):
             lora.use_adapter(model, experts[name])
         else:
-            svf.use_expert(model, experts[name], key=name)
+            svf.use_expert(model, experts[name], cache=True)
         done = None if on_batch is None else lambda js, outs: on_batch([idx[j] for j in js], outs)
         if how == "likelihood":
             outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size,

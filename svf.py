@@ -3,16 +3,23 @@
 Every adapted weight matrix is decomposed once, W = U diag(s) V^T (thin SVD, float32).
 An expert is one vector z per matrix, the length of s, and the adapted weight is
 
-    W' = U diag(s * z) V^T        (z = 1 everywhere gives back the base model)
+    W' = U diag(s * z) V^T  =  W + U diag(s * (z - 1)) V^T
+
+We compute the right-hand form: z = 1 gives back W bit for bit (not a float32 recomposition
+of it), and the change is kept in float32 even when W is bfloat16, where a change of z by
+1e-3 would otherwise round away (the adapted layers then compute in float32).
 
 Parametrisation: the paper's plain scale z, initialised at 1. (The official code uses
 sigmoid(raw) * max_mult with a nuclear-norm rescale and then mixes the raw pre-sigmoid
 vectors, which is not the space it trained in.) Training, mixing and evaluation all
-happen in this one space: z' = sum_k alpha_k z_k is the mixture of section 3.2.
+happen in this one space. The mixture of section 3.2 mixes the experts' changes,
+z' = 1 + sum_k alpha_k (z_k - 1) (see mix): the paper's sum_k alpha_k z_k scales the whole
+model by sum_k alpha_k when the experts are near 1, which the official code undoes with its
+nuclear-norm rescale.
 
     svd = decompose(model, "mlp")          # cached on disk per base model
     attach(model, svd)                     # targets become SVFLinear wrappers (z = None: base)
-    use_expert(model, expert.z)            # compose once, cached per expert
+    use_expert(model, expert.z)            # compose once (cache=True: kept per expert's contents)
     train_z(model, z)                      # differentiable in z only
 """
 from __future__ import annotations
@@ -68,17 +75,25 @@ class SVD:
     Vh: torch.Tensor  # (r, n)
 
 
-def compose(svd: SVD, z: torch.Tensor) -> torch.Tensor:
-    """W' = U diag(s * z) V^T, as (U * (s * z)) @ V^T: one (m, r) x (r, n) matmul."""
-    return (svd.U * (svd.s * z)) @ svd.Vh
+def delta(svd: SVD, z: torch.Tensor) -> torch.Tensor:
+    """U diag(s * (z - 1)) V^T, the change z makes to W, as one (m, r) x (r, n) matmul; exactly 0 at z = 1."""
+    return (svd.U * (svd.s * (z - 1))) @ svd.Vh
+
+
+def compose(w: torch.Tensor, svd: SVD, z: torch.Tensor) -> torch.Tensor:
+    """W' = W + U diag(s * (z - 1)) V^T in float32 (float64 for a float64 W), whatever W's dtype."""
+    return w.to(torch.promote_types(w.dtype, svd.s.dtype)) + delta(svd, z)
 
 
 def decompose(model: nn.Module, targets: str = "mlp", cache: bool = True, cache_dir: Path | None = None) -> dict[str, SVD]:
-    """Thin SVD (float32) of every target matrix, cached on disk per base model (keyed by its
-    fingerprint, in cache_dir or else CACHE_DIR, outside the repo) and loaded from there next time."""
+    """Thin SVD (float32) of every target matrix, cached on disk per base model and dtype (keyed by
+    its fingerprint and the weights' dtype, in cache_dir or else CACHE_DIR, outside the repo: the
+    fingerprint is the same for a bfloat16 and a float32 load, their factors are not) and loaded
+    from there next time."""
     from safetensors.torch import load_file, save_file
     names = target_names(model, targets)
-    path = Path(cache_dir or CACHE_DIR) / f"{fingerprint(model)}-{targets}.safetensors" if cache else None
+    dtype = str(base_weight(model, names[0]).dtype).removeprefix("torch.")
+    path = Path(cache_dir or CACHE_DIR) / f"{fingerprint(model)}-{targets}-{dtype}.safetensors" if cache else None
     if path is not None and path.exists():
         flat = load_file(path, device=str(base_weight(model, names[0]).device))
         return {n: SVD(flat[f"{n}.U"], flat[f"{n}.s"], flat[f"{n}.Vh"]) for n in names}
@@ -111,8 +126,9 @@ def count_params(svd: dict[str, SVD]) -> int:
 class SVFLinear(nn.Module):
     """Wraps a base nn.Linear: y = x W'^T + b, with W' from z (or the base W when z is None).
 
-    Three modes: base (z None), inference (a merged W' composed once and cached) and
-    training (W' recomposed in every forward so that gradients reach z, and z only).
+    Three modes: base (z None), inference (a merged W' composed once) and training (W'
+    recomposed in every forward so that gradients reach z, and z only). W' is float32 (or
+    float64): with a bfloat16 W the adapted layer computes in float32 and rounds its output once.
     """
 
     def __init__(self, base: nn.Linear, svd: SVD):
@@ -120,15 +136,14 @@ class SVFLinear(nn.Module):
         self.base, self.svd = base, svd
         self.z: torch.Tensor | None = None
         self.merged: torch.Tensor | None = None
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # expert digest -> merged W'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged is not None:
-            w = self.merged
-        elif self.z is not None:
-            w = compose(self.svd, self.z).to(x.dtype)
-        else:
-            w = self.base.weight
-        return linear(x, w, self.base.bias)
+        if self.merged is None and self.z is None:
+            return linear(x, self.base.weight, self.base.bias)
+        w = self.merged if self.merged is not None else compose(self.base.weight, self.svd, self.z)
+        b = None if self.base.bias is None else self.base.bias.to(w.dtype)
+        return linear(x.to(w.dtype), w, b).to(x.dtype)
 
 
 def attach(model: nn.Module, svd: dict[str, SVD]) -> None:
@@ -150,29 +165,38 @@ def ones(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: torch.ones_like(m.svd.s) for n, m in wrappers(model).items()}
 
 
-_MERGED: OrderedDict = OrderedDict()  # expert key -> {name: merged W'}; a few experts kept composed
+def digest(z: dict[str, torch.Tensor]) -> str:
+    """A hash of an expert's contents: the key of the composed weights kept by use_expert(cache=True)."""
+    h = hashlib.sha256()
+    for n in sorted(z):
+        h.update(n.encode())
+        h.update(z[n].detach().to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
 
 
-def use_expert(model: nn.Module, z: dict[str, torch.Tensor] | None, key: str | None = None, keep: int = 4) -> None:
-    """Answer with expert z (None: the base model). Composition is cached under `key` (LRU of `keep`)."""
+def use_expert(model: nn.Module, z: dict[str, torch.Tensor] | None, cache: bool = False, keep: int = 4) -> None:
+    """Answer with expert z (None: the base model), composed once, without gradients. A matrix whose
+    z is exactly 1 keeps the base layer itself. cache: keep the composed weights on the wrappers, keyed
+    by z's contents, for the next use of the same z (the `keep` latest experts; each one costs a float32
+    copy of every adapted matrix)."""
     ws = wrappers(model)
-    if z is None:
-        for m in ws.values():
-            m.z, m.merged = None, None
-        return
-    check_z(model, z)
-    if key is not None and key in _MERGED:
-        _MERGED.move_to_end(key)
-        merged = _MERGED[key]
-    else:
-        with torch.no_grad():
-            merged = {n: compose(m.svd, z[n].to(m.svd.s)).to(m.base.weight.dtype) for n, m in ws.items()}
-        if key is not None:
-            _MERGED[key] = merged
-            while len(_MERGED) > keep:
-                _MERGED.popitem(last=False)
+    if z is not None:
+        check_z(model, z)
+    key = digest(z) if z is not None and cache else None
     for n, m in ws.items():
-        m.z, m.merged = None, merged[n]
+        m.z, m.merged = None, None
+        if z is None or bool((z[n] == 1).all()):
+            continue
+        if key in m.cache:
+            m.cache.move_to_end(key)
+            m.merged = m.cache[key]
+            continue
+        with torch.no_grad():
+            m.merged = compose(m.base.weight, m.svd, z[n].to(m.svd.s))
+        if key is not None:
+            m.cache[key] = m.merged
+            while len(m.cache) > keep:
+                m.cache.popitem(last=False)
 
 
 def train_z(model: nn.Module, z: dict[str, torch.Tensor] | None) -> None:
@@ -197,15 +221,18 @@ def check_z(model: nn.Module, z: dict[str, torch.Tensor]) -> None:
 
 # ----------------------------------------------------------------------------- mixing (section 3.2)
 def mix(experts: list[dict[str, torch.Tensor]], alphas: torch.Tensor) -> dict[str, torch.Tensor]:
-    """z' = sum_k alpha_k z_k. alphas: (K,) one weight per expert, or (K, M) one per expert per matrix
-    (M matrices in the experts' own order)."""
+    """z' = 1 + sum_k alpha_k (z_k - 1): the experts' changes to the spectrum, mixed. alphas: (K,) one
+    weight per expert, or (K, M) one per expert per matrix (M matrices in the experts' own order).
+
+    alpha = 0 is the base model and alpha = e_k expert k, whatever the experts; the paper's
+    sum_k alpha_k z_k would give (sum_k alpha_k) W for experts near z = 1, a rescaled base model."""
     names = list(experts[0])
     if alphas.dim() == 1 and len(alphas) == len(experts):
         alphas = alphas[:, None].expand(len(experts), len(names))
     if alphas.shape != (len(experts), len(names)):
         raise ValueError(f"alphas of shape {tuple(alphas.shape)}: expected ({len(experts)},) or "
                          f"({len(experts)}, {len(names)})")
-    return {n: sum(alphas[k, j] * e[n] for k, e in enumerate(experts)) for j, n in enumerate(names)}
+    return {n: 1 + sum(alphas[k, j] * (e[n] - 1) for k, e in enumerate(experts)) for j, n in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------- expert files

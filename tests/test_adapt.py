@@ -142,6 +142,29 @@ def test_two_pass_equals_each_prompt_alone_with_its_expert():
     assert [c.tokens for c in base[3:6]] != [c.tokens for c in outs[3:6]]  # the experts do change the answers
 
 
+def test_composed_weights_are_never_shared_between_models_or_experts():
+    """eval.answer keeps composed experts for the next task; they were kept in one process-wide dict
+    keyed by the expert's name, so a second model, or another expert of the same name, got them."""
+    (a, b), tok, task, problems = (tiny_model(0), tiny_model(1)), CharTokenizer(), EchoTask(), toy_problems(3)
+
+    def alone(model, z):
+        svf.use_expert(model, z)
+        outs = generate(model, tok, [tok.encode_chat(task.messages(p)) for p in problems], task.max_new_tokens)
+        svf.use_expert(model, None)
+        return [c.tokens for c in outs]
+
+    def answered(model, z):
+        outs = evaluation.answer(model, tok, task, problems, {"gsm8k": z}, ["gsm8k"] * 3, batch_size=3,
+                                 max_new_tokens=0)
+        return [c.tokens for c in outs]
+
+    z1, z2 = random_expert(a, 1), random_expert(a, 2)
+    assert answered(a, z1) == alone(a, z1)
+    assert answered(b, z1) == alone(b, z1)   # another model, the same expert
+    assert answered(a, z2) == alone(a, z2)   # another expert under the same name
+    assert alone(a, z2) != alone(a, z1) and alone(b, z1) != alone(a, z1)
+
+
 def test_an_adapter_answers_like_the_lora_model_alone():
     """eval.py --adapter: every problem answered with the merged LoRA weights, then back to the base."""
     model, tok = tiny_model(), CharTokenizer()
@@ -242,6 +265,21 @@ def test_mixture_of_one_expert_or_identical_experts_is_that_expert():
     per_layer = torch.cat([torch.ones(M), torch.zeros(M)])
     assert adapt.fewshot_objective(model, tok, task, shots, [a, b], per_layer=True)(per_layer) == pytest.approx(alone)
     svf.use_expert(model, None)
+
+
+def test_the_fewshot_tie_breaker_is_the_mean_per_token_loglikelihood_of_the_reference_answers():
+    model, tok = tiny_model(), CharTokenizer()
+    task, shots, z = EchoTask(), toy_problems(3), random_expert(model, 3)
+    _, loglik = adapt.fewshot_objective(model, tok, task, shots, [z])(torch.tensor([1.0]))
+    svf.use_expert(model, z)
+    want = []
+    with torch.no_grad():
+        for p in shots:  # one plain forward pass per shot
+            prompt, ref = tok.encode_chat(task.messages(p)), tok.encode(task.reference_response(p))
+            logp = torch.log_softmax(model(torch.tensor([prompt + ref]))[0, len(prompt) - 1:-1], -1)
+            want.append(logp.gather(-1, torch.tensor(ref)[:, None]).mean().item())
+    svf.use_expert(model, None)
+    assert loglik == pytest.approx(sum(want) / len(want), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- CEM
