@@ -6,7 +6,13 @@ The objective, for prompts x and responses y sampled from the adapted model pi_z
 
 A is the reward r = +1 (correct) / -1 (wrong), optionally minus a baseline computed from
 the other samples of the same prompt (the paper uses none; see PAPER.md section 6).
-The KL is exact: both models' full next-token distributions on every response token.
+pi_z is the policy that samples: softmax(logits / T) at the rollout temperature T, so the
+log-probs are scored at T too (at T = 1 the score function would be another policy's, and the
+gradient biased). Both terms are sums over a response's tokens, as in the paper's sequence-level
+objective: log pi_z(y|x) = sum_t log pi_z(y_t|...), and the KL of the two sequence distributions
+estimated on the sampled y by sum_t KL_t, each KL_t exact over the vocabulary between
+softmax(logits_z / T) and softmax(logits_base / T). Both are averaged over the step's responses,
+so lambda means what it means in the paper.
 
 One step (train_step): rollout -> score -> advantages -> log-probs and KL with
 gradients in z -> AdamW. train() adds validation, best-expert selection, logging and
@@ -48,12 +54,12 @@ class TrainConfig:
     steps: int = 100               # optimiser steps
     batch_size: int = 8            # prompts per step
     samples: int = 4               # responses sampled per prompt
-    temperature: float = 0.7       # rollout sampling temperature (validation is greedy)
+    temperature: float = 0.7       # rollout sampling temperature, > 0 (validation is greedy); the policy scored
     top_p: float = 1.0
     max_new_tokens: int = 0        # 0: the task's own default
     lr: float = 2e-3
     cosine: bool = False           # cosine-decay the learning rate to 0 over `steps`
-    kl_coef: float = 0.1           # lambda; the paper picks from {0, 0.1, 0.2, 0.3}
+    kl_coef: float = 0.1           # lambda on the sequence KL (summed over tokens), as the paper's {0, 0.1, 0.2, 0.3}
     baseline: str = "loo"          # none (paper), mean (group mean) or loo (leave-one-out, RLOO)
     rollout: str = "generate"      # generate (the paper) or options: multiple choice, act by option likelihood
     validation: str = "generate"   # generate: greedy answers, as eval.py reads them; options: the likeliest option
@@ -121,14 +127,27 @@ def advantages(rewards: torch.Tensor, baseline: str) -> torch.Tensor:
     raise ValueError(f"unknown baseline {baseline!r}: choose none, mean or loo")
 
 
-def skip_update(adv: torch.Tensor) -> bool:
-    """True when no advantage is non-zero: the batch carries no reward signal, so no update is made.
+def at_base(params: dict) -> bool:
+    """True when the trainable tensors are exactly the base model: z = 1 (SVF), B = 0 (LoRA)."""
+    if is_lora(params):
+        return all(bool((v == 0).all()) for n, v in params.items() if n.endswith(".B"))
+    return all(bool((v == 1).all()) for v in params.values())
 
-    The paper's objective adds -lambda KL to the policy-gradient term; on its own the KL term only
-    pulls z back towards the base model, and next to z = 1 its gradient is rounding noise that
-    AdamW would scale up to a step of about lr. Without a baseline (the paper) rewards are +-1 and
-    this never happens."""
-    return not bool((adv != 0).any())
+
+def skip_update(adv: torch.Tensor, kl_coef: float, params: dict) -> bool:
+    """True when no term of the loss has a gradient: no advantage is non-zero, and the KL term is
+    off or at its minimum (the tensors are the base model's, where the KL and its gradient are 0).
+    Otherwise the KL term alone still pulls z back towards the base model, as lambda says."""
+    return not bool((adv != 0).any()) and (not kl_coef or at_base(params))
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg: "TrainConfig", step: int) -> float:
+    """The learning rate of a step: constant, or cosine-decayed to 0 over cfg.steps. Set directly
+    (no scheduler object: a step that makes no update must not shift the schedule or warn)."""
+    lr = cfg.lr * (0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cfg.cosine else 1.0)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def exact_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
@@ -143,21 +162,25 @@ def exact_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
 
 def reinforce_loss(model: Transformer, z: dict, prompts: list[list[int]], samples: list[list[list[int]]],
                    adv: torch.Tensor, kl_coef: float, n_total: int, pad_id: int,
-                   generator=None) -> tuple[torch.Tensor, dict]:
-    """-sum_i A_i * log pi_z(y_i|x_i) / N  +  lambda * (mean KL per response token) for one micro-batch.
+                   temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """(-sum_i A_i log pi_z(y_i|x_i) + lambda sum_i sum_t KL_it) / N for one micro-batch.
 
     prompts: one per problem; samples: the responses of each (token lists); adv: one advantage per
-    response, in the same order. The sequence log-prob is the sum over its tokens (the plain
-    REINFORCE estimator). Dividing by n_total (all responses of the step) makes accumulated
-    micro-batch gradients equal one big batch. Each prompt is computed once for all its samples
-    (replies.reply_logits packs them into one row).
+    response, in the same order. pi_z = softmax(logits / temperature), the policy that sampled;
+    both terms are sums over a response's tokens (see the module docstring). Dividing by n_total
+    (all responses of the step) makes accumulated micro-batch gradients equal one big batch. Each
+    prompt is computed once for all its samples (replies.reply_logits packs them into one row).
+    LoRA's dropout is off: the scored network must be the one that sampled.
     """
+    if temperature <= 0:
+        raise ValueError("REINFORCE needs a sampling temperature > 0: a greedy rollout has no score function")
     if kl_coef:
         train_mode(model, None)  # the base model pi_base: z = 1, no gradients
         with torch.no_grad():
-            base_logits = reply_logits(model, prompts, samples, pad_id)[0]
-    train_mode(model, z, generator)
+            base_logits = reply_logits(model, prompts, samples, pad_id)[0] / temperature
+    train_mode(model, z)
     logits, targets, which = reply_logits(model, prompts, samples, pad_id)          # (N, vocab), (N,), (N,)
+    logits = logits / temperature
     dev = logits.device
     n = sum(len(s) for s in samples)
     per_response = lambda per_token: torch.zeros(n, dtype=per_token.dtype, device=dev).index_add(0, which, per_token)
@@ -165,8 +188,7 @@ def reinforce_loss(model: Transformer, z: dict, prompts: list[list[int]], sample
     pg = -(adv.to(dev) * per_response(token_logp)).sum() / n_total
     kl = torch.zeros((), device=dev)
     if kl_coef:
-        lengths = per_response(torch.ones_like(token_logp)).clamp(min=1)
-        kl = (per_response(exact_kl(logits, base_logits)) / lengths).sum() / n_total  # mean per token, per response
+        kl = exact_kl(logits, base_logits).sum() / n_total                        # summed over tokens, as pg
     return pg + kl_coef * kl, {"pg": pg.item(), "kl": kl.item()}
 
 
@@ -207,12 +229,12 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     t2 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     parts = {"pg": 0.0, "kl": 0.0}
-    # No advantage at all (every group all right or all wrong, with a baseline): the step would be
-    # the KL term's alone, about 0 near z = 1, which AdamW's normalisation would still turn into a
-    # step of about lr in directions set by rounding. Such a step makes no update (skip_update).
-    skipped = skip_update(adv)
-    # a response with zero advantage and no KL term has no gradient: leave it out
-    keep = [[s for s in range(cfg.samples) if not skipped and (adv[i, s] != 0 or cfg.kl_coef)]
+    # No term with a gradient (no advantage, and the KL off or at the base model): no update at all,
+    # rather than AdamW scaling rounding noise up to a step of about lr (skip_update).
+    skipped = skip_update(adv, cfg.kl_coef, z)
+    kl_live = bool(cfg.kl_coef) and not at_base(z)
+    # a response with zero advantage and no KL gradient contributes nothing: leave it out
+    keep = [[s for s in range(cfg.samples) if not skipped and (adv[i, s] != 0 or kl_live)]
             for i in range(len(problems))]
     groups = [i for i in range(len(problems)) if keep[i]]
     per_micro = max(1, cfg.micro_batch // cfg.samples)                                  # problems per micro-batch
@@ -222,8 +244,8 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
         idx = [groups[m] for m in micro]
         samples = [[comps[i * cfg.samples + s].tokens for s in keep[i]] for i in idx]
         loss, p = reinforce_loss(model, z, [prompts[i * cfg.samples] for i in idx], samples,
-                                 torch.cat([adv[i, keep[i]] for i in idx]), cfg.kl_coef, len(comps),
-                                 tokenizer.pad_id, generator)
+                                 torch.cat([adv[i, keep[i]] for i in idx]), cfg.kl_coef if kl_live else 0.0,
+                                 len(comps), tokenizer.pad_id, cfg.temperature)
         loss.backward()
         parts = {k: parts[k] + p[k] for k in parts}
     train_mode(model, None)
@@ -272,7 +294,7 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
         with torch.no_grad():
             train_mode(model, None)
             base = option_logits(model, tokenizer, task, group, T)
-        train_mode(model, z, generator)
+        train_mode(model, z)  # no LoRA dropout: the scored policy is the one that samples
         logits = option_logits(model, tokenizer, task, group, T)
         loss = 0.0
         for p, lz, lb in zip(group, logits, base):
@@ -290,7 +312,7 @@ def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gene
             rewards_all.append(r)
         loss.backward()
     train_mode(model, None)
-    skipped = skip_update(torch.cat(advs))  # no reward signal: no update, as in train_step
+    skipped = skip_update(torch.cat(advs), cfg.kl_coef, z)  # no term with a gradient: no update, as in train_step
     grad_norm = 0.0 if skipped else torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item()
     if not skipped:
         opt.step()
@@ -354,12 +376,12 @@ def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
 
 
-def validate(model, tokenizer, task, problems, z, batch: int) -> float:
-    """Greedy accuracy of expert z on the validation problems."""
+def validate(model, tokenizer, task, problems, z, batch: int, max_new_tokens: int = 0) -> float:
+    """Greedy accuracy of expert z on the validation problems (max_new_tokens 0: the task's own)."""
     answer_mode(model, z)
     prompts = [tokenizer.encode_chat(task.messages(p)) for p in problems]
     comps = generate_all(model, tokenizer, prompts, batch, desc="validate",
-                         max_new_tokens=task.max_new_tokens, stop_strings=tuple(task.stop))
+                         max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
     answer_mode(model, None)
     return sum(task.score_many(problems, [c.text for c in comps])) / len(problems)
 
@@ -387,6 +409,23 @@ def setup(model: Transformer, cfg: TrainConfig) -> tuple[dict, dict, type]:
         meta |= {"lora": asdict(lcfg)}
         return {n: torch.nn.Parameter(v) for n, v in params.items()}, meta, lora.Adapter
     raise ValueError(f"unknown method {cfg.method!r}: choose svf or lora")
+
+
+# Settings a resumed run may change: they split the same computation differently, nothing more.
+RESUME_MAY_CHANGE = ("steps", "micro_batch", "micro_tokens")
+
+
+def check_resume(saved: dict | None, cfg: TrainConfig, path: Path, log) -> None:
+    """Refuse to resume a run under other settings (it would no longer be the run it says it is)."""
+    if saved is None:
+        log(f"{path} predates saved settings: cannot check that they are unchanged")
+        return
+    now = asdict(cfg)
+    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in now
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        raise ValueError(f"cannot resume {path} with other settings: {'; '.join(changed)} "
+                         f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change)")
 
 
 def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bool = False, log=print,
@@ -420,8 +459,6 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     start_params = {n: v.detach().clone() for n, v in z.items()}
     # no weight decay: it would pull z towards 0 (not 1), and the paper's LoRA baseline names none
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)) if cfg.cosine else 1.0)
     gen = torch.Generator(model.tok_embeddings.weight.device).manual_seed(cfg.seed)
     start, best = 0, -1.0
     out.mkdir(parents=True, exist_ok=True)
@@ -430,10 +467,11 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
         st = torch.load(state_path, weights_only=True)
         if set(st["params"]) != set(z):
             raise ValueError(f"{state_path} holds another method's or targets' tensors than this configuration")
+        check_resume(st.get("config"), cfg, state_path, log)
         with torch.no_grad():
             for n in z:
                 z[n].copy_(st["params"][n])
-        opt.load_state_dict(st["opt"]), sched.load_state_dict(st["sched"]), gen.set_state(st["gen"])
+        opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
         start, best = st["step"], st["best"]
         log(f"resumed from step {start} (best validation accuracy {best:.3f})")
     elif resume:
@@ -445,11 +483,12 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
 
     def checkpoint(step: int) -> None:
         save_atomic({"params": {n: v.detach() for n, v in z.items()}, "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "gen": gen.get_state(), "step": step, "best": best}, state_path)
+                     "gen": gen.get_state(), "step": step, "best": best, "config": asdict(cfg)}, state_path)
         File({n: v.detach() for n, v in z.items()}, {**meta, "step": step}).save(out / "last.safetensors")
 
     step_fn = sft_step if cfg.objective == "sft" else train_step if cfg.rollout == "generate" else option_step
-    val_fn = (lambda m, t, k, ps, z: validate(m, t, k, ps, z, cfg.gen_batch)) if cfg.validation == "generate" \
+    val_fn = (lambda m, t, k, ps, z: validate(m, t, k, ps, z, cfg.gen_batch, cfg.max_new_tokens)) \
+        if cfg.validation == "generate" \
         else option_accuracy
     def validation(params) -> dict:
         t0 = time.perf_counter()
@@ -476,9 +515,9 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.task} ({cfg.method})")
         for step in bar:
             problems = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.batch_size, cfg.seed)]
+            lr = set_lr(opt, cfg, step)
             stats = step_fn(model, tokenizer, task, problems, z, opt, cfg, gen)
-            sched.step()
-            record = {"step": step + 1, "lr": sched.get_last_lr()[0], **stats}
+            record = {"step": step + 1, "lr": lr, **stats}
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 record |= validation(z)
                 if record["val_accuracy"] > best:

@@ -52,6 +52,9 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
         raise SystemExit("error: --lora-rank must be positive and --lora-dropout in [0, 1)")
     if cfg.objective == "sft" and cfg.rollout == "options":
         raise SystemExit("error: --rollout options is a way of sampling for --objective reinforce, not sft")
+    if cfg.objective == "reinforce" and cfg.rollout == "generate" and not cfg.temperature > 0:
+        raise SystemExit("error: --temperature must be > 0 for REINFORCE (the log-probs are scored at the "
+                         "temperature that sampled; a greedy rollout has none)")
     if cfg.baseline == "loo" and cfg.samples < 2 and cfg.objective == "reinforce":
         raise SystemExit("error: --baseline loo needs --samples 2 or more")
     if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.micro_tokens, cfg.gen_batch) < 1:
@@ -78,7 +81,10 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
         import adapt
         extra = dict(task=adapt.CLS_TASK, train_set=adapt.cls_problems("train", seed=cfg.seed),
                      val_set=adapt.cls_problems("validation"))
-    expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
+    try:
+        expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
+    except ValueError as e:  # a resume under other settings, a state of another method: named, not a traceback
+        raise SystemExit(f"error: {e}")
     if cfg.eval_every:
         print(f"best validation accuracy {expert.meta['val_accuracy']:.3f} at step {expert.meta['step']}: "
               f"{out_dir / 'best.safetensors'}")
@@ -105,12 +111,13 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=defaults["steps"], help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="prompts per step")
     p.add_argument("--samples", type=int, default=defaults["samples"], help="responses sampled per prompt")
-    p.add_argument("--temperature", type=float, default=defaults["temperature"], help="rollout temperature")
+    p.add_argument("--temperature", type=float, default=defaults["temperature"], help="rollout temperature (> 0); the log-probs are scored at it")
     p.add_argument("--top-p", type=float, default=defaults["top_p"], help="rollout nucleus threshold")
     p.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="0: the task's default")
     p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate on z")
     p.add_argument("--cosine", action="store_true", help="cosine-decay the learning rate to 0")
-    p.add_argument("--kl-coef", type=float, default=defaults["kl_coef"], help="lambda of the KL(pi_z || pi_base) penalty")
+    p.add_argument("--kl-coef", type=float, default=defaults["kl_coef"], help="lambda of the KL(pi_z || pi_base) penalty on whole responses (the per-token exact KL summed "
+                        "over the response, as the paper's lambda)")
     p.add_argument("--baseline", default=defaults["baseline"], choices=["none", "mean", "loo"],
                    help="subtracted from the reward: none (paper), group mean, or leave-one-out mean")
     p.add_argument("--rollout", default=defaults["rollout"], choices=["generate", "options"],
@@ -131,7 +138,8 @@ if __name__ == "__main__":
     p.add_argument("--out", default=None, help="output folder (default: runs/TASK-svf-TARGETS-seedSEED, "
                                                 "runs/TASK-lora-TARGETS-rRANK-seedSEED)")
     p.add_argument("--seed", type=int, default=defaults["seed"], help="seeds python, numpy, torch and the data order")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt; refused when a setting other than --steps, --micro-batch or "
+                        "--micro-tokens differs from the saved run's")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
