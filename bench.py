@@ -1,6 +1,6 @@
 """Benchmarks: speed and memory of the model and of SVF training, each beside a peer from the same run.
 
-Three sections, one per issue:
+One section per issue:
 
     model  (issue "foundation")  loading, greedy decoding at batch 1 and 16, prefill, the machine's
                                  memory-bandwidth ceiling for decoding, a bfloat16 CPU mode and peak
@@ -11,6 +11,11 @@ Three sections, one per issue:
     adapt  (issue "adaptation")  the first pass (classifying a question) against the second (answering
                                  it) on each unseen task, with and without the shared prefix; switching
                                  between the shipped experts
+    scale  (issue 20, GPU only)  Llama-3-8B's shape in bfloat16 with seeded random weights, beside
+                                 transformers on the same tensors: greedy decoding at batch 1/64/256, a
+                                 compiled decode step, prefill, the SVD of the 96 MLP matrices, one SVF
+                                 REINFORCE step against its floor, the two passes; peak GPU memory of each
+                                 (`make bench-scale`; tests/test_bench_scale.py runs it tiny on the CPU)
 
 Every figure is printed beside a peer measured in the same run, with the ratio between them, so the
 ratios stay meaningful on a busy machine (the 1-minute load average is printed at start and end).
@@ -594,6 +599,527 @@ def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
             lower_is_better=True)
 
 
+# ----------------------------------------------------------------------------- section 4: the paper's scale (GPU)
+# Issue 20: a Llama-3-8B-shaped model in bfloat16 on one GPU, beside transformers on the same weights. There are
+# no real weights to bring, so both run transformers' own seeded initialisation: for speed and memory that is the
+# same work. Every part also runs at a tiny shape on the CPU (tests/test_bench_scale.py), so a GPU session runs
+# this one command and nothing else can fail on a typo.
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+LLAMA3_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                      norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE, max_seq_len=4096)
+UNSEEN_TASKS = ("arc_challenge", "humaneval", "math")  # the paper's Table 2 tasks, where the two passes run
+
+
+@dataclass
+class ScaleSizes:
+    decode_batches: tuple[int, ...] = (1, 64, 256)  # greedy decoding, ours against transformers' generate
+    decode_tokens: int = 256          # new tokens of each decoding run
+    prompt_len: int = 128             # random prompt tokens of the decoding and compiled-step runs
+    prefill_rows: int = 8             # prefill: one forward pass of rows x length tokens
+    prefill_len: int = 1024
+    pass_questions: int = 16          # per unseen task: the first pass (classify) and the second (answer)
+    pass_batch: int = 16
+    second_pass_tokens: int = 0       # new tokens of a second-pass answer (0: the task's own budget)
+    svd_matrices: int = 3             # MLP matrices decomposed for the timing (layer 0's gate, up, down); the
+                                      # others reuse their factors (same shapes, same cost); >= all: svf.decompose
+    train_prompts: int = 16           # one SVF REINFORCE step: prompts x samples x new tokens (64 x 256)
+    train_samples: int = 4
+    train_tokens: int = 256
+    compile_backend: str = "inductor"  # torch.compile backend of the compiled decode step ("": skip that part)
+    compile_batches: tuple[int, ...] = (1, 64)
+    compile_steps: int = 64
+    reps: int = 1                     # rounds of each timing; the best round counts
+    budget_s: float = 390.0           # a part not started by then is skipped (its entry says so)
+
+
+SCALE = ScaleSizes()
+
+
+class SyntheticTokenizer:
+    """Ids for a model that has no tokenizer (random weights): one id per `chars` characters (Llama 3's
+    tokenizer makes about 4 of English text), so prompts are as long as the real ones, the same text always
+    gives the same ids and a shared system prompt stays shared. Nothing stops generation: every answer runs
+    to its token budget."""
+    pad_id, stop_ids, chars = 0, set(), 4
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        return [1 + self.digest(text[i:i + self.chars]) % (self.vocab_size - 1) for i in range(0, len(text), self.chars)]
+
+    @staticmethod
+    def digest(chunk: str) -> int:  # the same in every run (Python's hash() of a str is not)
+        h = 0
+        for c in chunk:
+            h = h * 131 + ord(c)
+        return h
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.encode("".join(f"<{m['role']}>\n\n{m['content']}<eot>" for m in messages) + "<assistant>\n\n")
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+@dataclass
+class Scale:
+    """What the parts share: the two models on the same weights, the tokenizer, sizes and device."""
+    args: ModelArgs
+    S: ScaleSizes
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    tok: SyntheticTokenizer
+    model: Transformer | None = None
+    hf: object = None
+    svd: dict | None = None       # the factors scale_svd made, for scale_step
+    floor: dict | None = None     # scale_floor's figures, scale_step's peer
+
+
+def sync(device) -> None:
+    """Wait for the GPU: a timing must include the kernels queued before it ends."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synced(fn, device):
+    """fn, then sync(device)."""
+    def run():
+        fn()
+        sync(device)
+    return run
+
+
+def memory_mark(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_peak(device) -> dict:
+    """GPU: the peak of allocated (and reserved) memory since memory_mark. CPU: the process's high-water mark,
+    which is never reset (so only the first part's is its own)."""
+    if device.type == "cuda":
+        return {"peak_allocated_GB": torch.cuda.max_memory_allocated(device) / GB,
+                "peak_reserved_GB": torch.cuda.max_memory_reserved(device) / GB}
+    return {"process_peak_rss_GB": high_water() / GB}
+
+
+def hf_llama(args: ModelArgs, device, dtype, seed: int):
+    """transformers' LlamaForCausalLM of this shape, built on the device in `dtype` with its own seeded
+    initialisation (normal, std 0.02; norms 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
+                         num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+                         vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                         rope_scaling=args.rope_scaling, max_position_embeddings=131072, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocated in bfloat16 at once: not 32 GB of float32 first
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return hf.eval().requires_grad_(False)
+
+
+def ours_on(hf, args: ModelArgs) -> Transformer:
+    """Our Transformer on transformers' tensors (no copy), renamed through checkpoint.HF_NAMES as a loaded
+    folder is, checked and assigned as checkpoint.load_model does."""
+    from model import rope_frequencies
+    tensors = {checkpoint.rename(n, checkpoint.HF_NAMES, "transformers"): w for n, w in hf.state_dict().items()}
+    with torch.device("meta"):
+        model = Transformer(args)
+    checkpoint.check_tensors(model, tensors, "transformers")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.init_rope(rope_frequencies(args))
+    return model.eval().requires_grad_(False)
+
+
+def share_weights(hf, model: Transformer) -> None:
+    """Point transformers' parameters at ours. Our first forward pass copied q/k/v and gate/up into stacked
+    buffers (model.stacked); without this both copies would stay (9 GB at 8B)."""
+    ours = dict(model.named_parameters())
+    for n, p in hf.named_parameters():
+        p.data = ours[checkpoint.rename(n, checkpoint.HF_NAMES, "transformers")].data
+
+
+@torch.inference_mode()
+def hf_greedy(hf, x: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' greedy generate from unpadded prompts x (B, T), forced to exactly n new tokens: (B, n)."""
+    out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, min_new_tokens=n,
+                      max_new_tokens=n, pad_token_id=0)
+    return out[:, x.shape[1]:]
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
+    """How far two greedy decodings of the same prompts agree: tokens before each row's first difference (after
+    it the contexts differ), as a share of all tokens, and the share of rows equal throughout."""
+    first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+             for x, y in zip(ours, theirs)]
+    return {"same_prefix_share": sum(first) / sum(len(x) for x in ours),
+            "rows_equal": sum(f == len(x) == len(y) for f, x, y in zip(first, ours, theirs)) / len(ours)}
+
+
+def scale_build(rep: Report, sc: Scale) -> dict:
+    from model import rope_frequencies
+    t0 = time.perf_counter()
+    sc.hf = hf_llama(sc.args, sc.device, sc.dtype, sc.seed)
+    t_hf = time.perf_counter() - t0
+    sc.model = ours_on(sc.hf, sc.args)
+    with torch.inference_mode():
+        sc.model(torch.ones(1, 1, dtype=torch.long, device=sc.device))  # stacks q/k/v and gate/up
+    share_weights(sc.hf, sc.model)
+    params = sum(p.numel() for p in sc.model.parameters())
+    bytes_ = sum(p.numel() * p.element_size() for p in sc.model.parameters())
+    # the same rotary frequencies (Llama 3.1 scaling: the low ones divided by 8) in both, whatever this version
+    # of transformers makes of the config
+    theirs = getattr(sc.hf.model.rotary_emb, "inv_freq", None)
+    ours = rope_frequencies(sc.args).to(sc.device)
+    rope_diff = ((ours - theirs.float()).abs() / ours).max().item() if theirs is not None else float("nan")
+    rep.add("scale", "parameters (billions)", params / 1e9, "B", "weights (GB)", bytes_ / GB)
+    return {"parameters": params, "weight_GB": bytes_ / GB, "transformers_init_s": t_hf,
+            "rope_inv_freq_max_rel_diff": rope_diff}
+
+
+def scale_decode(rep: Report, sc: Scale) -> dict:
+    """Greedy decoding of random prompts, forced to the full count (the synthetic tokenizer has no stop token,
+    min_new_tokens for transformers): (N - 1) new tokens over time(N tokens) - time(1 token), per row."""
+    S, dev, N, out = sc.S, sc.device, sc.S.decode_tokens, {}
+    g = torch.Generator().manual_seed(sc.seed)
+    for B in S.decode_batches:
+        prompts = torch.randint(1, sc.args.vocab_size, (B, S.prompt_len), generator=g)
+        x, rows = prompts.to(dev), prompts.tolist()
+        got, peaks = {}, {}
+
+        def contenders(n: int) -> dict:
+            def measured(name, fn):
+                def run():
+                    memory_mark(dev)
+                    got[name] = fn()
+                    peaks[name] = memory_peak(dev)
+                return synced(run, dev)
+            return {"ours": measured("ours", lambda: generate(sc.model, sc.tok, rows, n)),
+                    "transformers": measured("transformers", lambda: hf_greedy(sc.hf, x, n))}
+
+        stage(f"scale: greedy decoding, batch {B}")
+        race(contenders(2), 1)  # warm-up
+        t1 = race(contenders(1), S.reps)
+        tn = race(contenders(N), S.reps)
+        tps = {k: B * (N - 1) / max(tn[k] - t1[k], 1e-9) for k in tn}
+        agree = agreement([c.tokens for c in got["ours"]], got["transformers"].tolist())
+        out[f"batch{B}"] = {"tok_s": tps, "seconds_1_token": t1, f"seconds_{N}_tokens": tn, **agree,
+                            f"peak_memory_{N}_tokens": peaks}
+        rep.add("scale", f"decode tok/s, batch {B}", tps["ours"], "tok/s", "transformers generate",
+                tps["transformers"])
+        rep.add("scale", f"  greedy tokens before the first difference", agree["same_prefix_share"], "share",
+                "all tokens", 1.0)
+    return out
+
+
+def scale_prefill(rep: Report, sc: Scale) -> dict:
+    """One forward pass of rows x length random tokens into a KV cache, last-position logits only."""
+    S, dev = sc.S, sc.device
+    x = torch.randint(1, sc.args.vocab_size, (S.prefill_rows, S.prefill_len),
+                      generator=torch.Generator().manual_seed(sc.seed)).to(dev)
+    logits = {}
+
+    @torch.inference_mode()
+    def ours():
+        logits["ours"] = sc.model(x, None, sc.model.new_cache(*x.shape), 0, last=1)[:, -1]
+
+    @torch.inference_mode()
+    def theirs():
+        logits["transformers"] = sc.hf(input_ids=x, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+    race({"ours": synced(ours, dev), "transformers": synced(theirs, dev)}, 1)  # warm-up
+    t = race({"ours": synced(ours, dev), "transformers": synced(theirs, dev)}, S.reps + 1)
+    tps = {k: x.numel() / v for k, v in t.items()}
+    a, b = logits["ours"], logits["transformers"]
+    out = {"tok_s": tps, "seconds": t, "logits_max_abs_diff": (a - b).abs().max().item(),
+           "logits_max_abs": b.abs().max().item(), "argmax_equal": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+    rep.add("scale", f"prefill tok/s, {S.prefill_rows}x{S.prefill_len} tokens", tps["ours"], "tok/s",
+            "transformers forward", tps["transformers"])
+    rep.add("scale", "  last logits max |ours - transformers|", out["logits_max_abs_diff"], "", "max |logit|",
+            out["logits_max_abs"], lower_is_better=True)
+    return out
+
+
+def scale_passes(rep: Report, sc: Scale) -> dict:
+    """Paper Table 3 at 8B: the first pass (adapt.classify, the prompt strategy's: one packed forward pass per
+    batch) against the second (greedy answers to the task's token budget; a random model never stops early, so
+    this is the second pass's upper bound) on the unseen tasks' own prompts, at the lengths Llama 3 gives them."""
+    import adapt
+    S, dev, out = sc.S, sc.device, {}
+    for name in UNSEEN_TASKS:
+        task = data.TASKS[name]
+        problems = data.load(name, "test")[:S.pass_questions]
+        questions = [task.messages(p)[-1]["content"] for p in problems]   # what eval.py's first pass reads
+        answers = [sc.tok.encode_chat(task.messages(p)) for p in problems]
+        n_new = S.second_pass_tokens or task.max_new_tokens
+        done = {}
+
+        def first(qs: list[str] = questions) -> None:
+            adapt.classify(sc.model, sc.tok, qs, None, S.pass_batch)
+
+        def second() -> None:
+            done["comps"] = generate_all(sc.model, sc.tok, answers, S.pass_batch, desc="second pass",
+                                         max_new_tokens=n_new, stop_strings=tuple(task.stop))
+
+        synced(lambda: first(questions[:2]), dev)()  # warm-up: the first call pays allocations
+        stage(f"scale: {name}, {len(problems)} questions: first pass, then second (up to {n_new} new tokens)")
+        t = race({"first": synced(first, dev)}, S.reps)
+        t["second"] = race({"second": synced(second, dev)}, 1)["second"]
+        comps = done["comps"]
+        prompts = [sc.tok.encode_chat(adapt.classify_messages(q)) for q in questions]
+        out[name] = {"questions": len(problems), "first_pass_s": t["first"], "second_pass_s": t["second"],
+                     "first_pass_prompt_tokens": sum(map(len, prompts)) / len(prompts),
+                     "second_pass_prompt_tokens": sum(map(len, answers)) / len(answers),
+                     "second_pass_tokens": sum(len(c.tokens) for c in comps),
+                     "shared_tokens": common_prefix(prompts)}
+        rep.add("scale", f"{name}: first pass / second pass", t["first"] / t["second"], "", "paper: 0.13-0.47", 1.0,
+                lower_is_better=True)
+    return out
+
+
+def scale_svd(rep: Report, sc: Scale) -> dict:
+    """The SVD of the MLP matrices: seconds (as svf.decompose computes it: float32, thin) and the bytes of
+    U, s and V^T in float32 and in bfloat16, beside the matrices' own. Decomposing all 96 of Llama-3-8B takes
+    minutes, so by default a sample is timed and the rest reuse its factors for the training step."""
+    model, dev, S = sc.model, sc.device, sc.S
+    names = svf.target_names(model, "mlp")
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    numbers = sum(m * min(m, k) + min(m, k) + min(m, k) * k for m, k in shapes.values())  # U (m, r), s, V^T (r, n)
+    base = sum(model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in names)
+    out = {"matrices": len(names), "factors_float32_GB": numbers * 4 / GB, "factors_bfloat16_GB": numbers * 2 / GB,
+           "matrices_GB": base / GB}
+    before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+    if S.svd_matrices >= len(names):
+        sync(dev)
+        t0 = time.perf_counter()
+        sc.svd = svf.decompose(model, "mlp", cache=False)  # not cached: 29 GB of factors at 8B
+        sync(dev)
+        seconds, sample = time.perf_counter() - t0, names
+        out |= {"decomposed": len(names), "seconds_all": seconds, "seconds_per_matrix": seconds / len(names)}
+    else:
+        sample = names[:S.svd_matrices]
+        for n in names:  # and one matrix of every shape not sampled yet
+            if shapes[n] not in {shapes[m] for m in sample}:
+                sample.append(n)
+        times, factors = [], {}
+        for n in sample:
+            w = model.get_submodule(n).weight
+            sync(dev)
+            t0 = time.perf_counter()
+            U, s, Vh = torch.linalg.svd(w.float(), full_matrices=False)  # as svf.decompose computes it
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+            factors[n] = svf.SVD(U.contiguous(), s.contiguous(), Vh.contiguous())
+        # the others: copies of sampled factors of their shape (memory of their own, the same cost to use)
+        like = {}
+        for n in sample:
+            like.setdefault(shapes[n], factors[n])
+        sc.svd = {n: factors.get(n) or svf.SVD(like[shapes[n]].U.clone(), like[shapes[n]].s.clone(),
+                                               like[shapes[n]].Vh.clone()) for n in names}
+        per = sum(times) / len(times)
+        out |= {"decomposed": len(sample), "seconds_per_matrix": per, "seconds_all_estimated": per * len(names),
+                "seconds_sample": times}
+    if dev.type == "cuda":
+        out["factors_held_GB_measured"] = (torch.cuda.memory_allocated(dev) - before) / GB
+    # how well bfloat16 factors would keep W, against W's own rounding to bfloat16 (one sampled matrix)
+    n = sample[0]
+    w, d = model.get_submodule(n).weight.float(), sc.svd[n]
+    err = lambda U, s, Vh: ((U.float() * s.float()) @ Vh.float() - w).norm().item() / w.norm().item()
+    out["relative_error_float32_factors"] = err(d.U, d.s, d.Vh)
+    out["relative_error_bfloat16_factors"] = err(d.U.bfloat16(), d.s.bfloat16(), d.Vh.bfloat16())
+    out["relative_error_bfloat16_W_of_float32_W"] = (w.bfloat16().float() - w).norm().item() / w.norm().item()
+    total = out.get("seconds_all", out.get("seconds_all_estimated"))
+    rep.add("scale", f"SVD of {len(names)} MLP matrices (s{'' if 'seconds_all' in out else ', estimated'})", total,
+            "s", "seconds per matrix", out["seconds_per_matrix"], lower_is_better=True)
+    rep.add("scale", "  U, s, V^T in float32 (GB)", out["factors_float32_GB"], "GB", "the matrices (GB)",
+            out["matrices_GB"], lower_is_better=True)
+    rep.add("scale", "  U, s, V^T in bfloat16 (GB)", out["factors_bfloat16_GB"], "GB", "the matrices (GB)",
+            out["matrices_GB"], lower_is_better=True)
+    return out
+
+
+def scale_train_setup(sc: Scale):
+    """The trainer's configuration and GSM8K prompts of one step: prompts x samples x new tokens, with the
+    exact KL (kl_coef 0.1) and no baseline (the paper's), so the random model's rewards still make an update."""
+    S = sc.S
+    cfg = rl.TrainConfig(task="gsm8k", batch_size=S.train_prompts, samples=S.train_samples,
+                         max_new_tokens=S.train_tokens, gen_batch=S.train_prompts * S.train_samples, baseline="none",
+                         seed=sc.seed)
+    task = data.TASKS[cfg.task]
+    problems = data.load(cfg.task, "train")[:cfg.batch_size]
+    return cfg, task, problems
+
+
+def scale_floor(rep: Report, sc: Scale) -> dict:
+    """The step's floor on the bare model: plain generation of the same rollouts, then one forward and backward
+    pass over their tokens, packed as the trainer packs them (a prompt once, then its samples: replies.reply_logits),
+    with gradients on the matrices SVF adapts."""
+    from replies import reply_logits
+    cfg, task, problems = scale_train_setup(sc)
+    model, dev = sc.model, sc.device
+    unwrap(model)
+    prompts = [sc.tok.encode_chat(task.messages(p)) for p in problems for _ in range(cfg.samples)]
+    done = {}
+
+    def generation() -> None:  # as the step's rollout samples: same temperature, same seed
+        done["comps"] = generate_all(model, sc.tok, prompts, cfg.gen_batch, desc="floor",
+                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, stop_strings=tuple(task.stop),
+                                     generator=torch.Generator(dev).manual_seed(sc.seed))
+
+    t_gen = race({"g": synced(generation, dev)}, 1)["g"]
+    comps, gen_peak = done["comps"], memory_peak(dev)
+    weights = [model.get_submodule(n).weight for n in svf.target_names(model, cfg.targets)]
+    firsts = prompts[::cfg.samples]
+    samples = [[c.tokens for c in comps[i:i + cfg.samples]] for i in range(0, len(comps), cfg.samples)]
+    widths = [len(p) + sum(map(len, s)) for p, s in zip(firsts, samples)]
+
+    def forward_backward():
+        for micro in rl.micro_batches(widths, max(1, cfg.micro_batch // cfg.samples), cfg.micro_tokens):
+            logits, targets, _ = reply_logits(model, [firsts[i] for i in micro], [samples[i] for i in micro],
+                                              sc.tok.pad_id)
+            (-torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum() / len(comps)).backward()
+
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        t_fb = race({"fb": synced(forward_backward, dev)}, 1)["fb"]
+    finally:
+        for w in weights:
+            w.grad = None
+            w.requires_grad_(False)
+    tokens = sum(len(c.tokens) for c in comps)
+    return {"rollouts": len(comps), "tokens": tokens, "t_generate": t_gen, "t_forward_backward": t_fb,
+            "t_total": t_gen + t_fb, "generate_tok_s": tokens / t_gen, "peak_memory_generation": gen_peak}
+
+
+def scale_step(rep: Report, sc: Scale) -> dict:
+    """One REINFORCE step of the trainer (rl.train_step: rollout, scoring, log-probs and exact KL with gradients
+    in z, AdamW) on SVF experts of the 96 MLP matrices."""
+    cfg, task, problems = scale_train_setup(sc)
+    model, dev = sc.model, sc.device
+    svf.attach(model, sc.svd)
+    try:
+        z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
+        opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
+        s = {}
+        synced(lambda: s.update(rl.train_step(model, sc.tok, task, problems, z, opt, cfg,
+                                              torch.Generator(dev).manual_seed(sc.seed))), dev)()
+    finally:
+        unwrap(model)
+        sc.svd = None  # the factors are not needed after this part
+    s["t_optimizer"] = s["t_step"] - s["t_rollout"] - s["t_score"] - s["t_backward"]
+    floor, n = sc.floor, f"{cfg.batch_size}x{cfg.samples}x{cfg.max_new_tokens}"
+    if floor:
+        rep.add("scale", f"SVF step {n}: whole step (s)", s["t_step"], "s", "floor: generation + fwd/bwd",
+                floor["t_total"], lower_is_better=True)
+        rep.add("scale", f"  rollout (s)", s["t_rollout"], "s", "plain generation", floor["t_generate"],
+                lower_is_better=True)
+        rep.add("scale", f"  log-probs + KL + backward (s)", s["t_backward"], "s", "base forward/backward",
+                floor["t_forward_backward"], lower_is_better=True)
+    return s
+
+
+@torch.inference_mode()
+def decode_step_seconds(sc: Scale, B: int, steps: int, blocks: list | None = None) -> float:
+    """Seconds per decode step at batch B, after an eager prefill of random prompts into the model's KV cache;
+    blocks: the steps run through these (compiled) blocks instead of the model's own. Each step feeds its argmax
+    back without waiting for the GPU, so the time is the larger of launching the step and running it."""
+    model, dev, T = sc.model, sc.device, sc.S.prompt_len
+    x = torch.randint(1, sc.args.vocab_size, (B, T), generator=torch.Generator().manual_seed(B)).to(dev)
+    cache = model.new_cache(B, T + steps)
+    tok = model(x, None, cache, 0, last=1)[:, -1].argmax(-1, keepdim=True)
+    own = list(model.layers)
+    for i, block in enumerate(blocks or own):
+        model.layers[i] = block
+    try:
+        run = synced(lambda: [tok.copy_(model(tok, None, cache, T + i)[:, -1].argmax(-1, keepdim=True))
+                              for i in range(steps)], dev)
+        return race({"t": run}, 1)["t"] / steps
+    finally:
+        for i, block in enumerate(own):
+            model.layers[i] = block
+
+
+def scale_compile(rep: Report, sc: Scale) -> dict:
+    """gpt-fast's idea: torch.compile one decode step (each block compiled once and reused by all 32: dynamic
+    shapes, since a step reads a growing slice of the preallocated KV cache; no CUDA graphs), against eager.
+    Optional: a compile failure is recorded as a note, not an error."""
+    S = sc.S
+    if not S.compile_backend:
+        return {"not_run": "compile_backend is empty"}
+    unwrap(sc.model)
+    out = {"backend": S.compile_backend, "mode": "default, dynamic=True, per block"}
+    try:
+        blocks = [torch.compile(b, dynamic=True, backend=S.compile_backend) for b in sc.model.layers]
+        for B in S.compile_batches:
+            decode_step_seconds(sc, B, 2)  # warm-up
+            eager = decode_step_seconds(sc, B, S.compile_steps)
+            t0 = time.perf_counter()
+            decode_step_seconds(sc, B, 2, blocks)  # compiles (once for batch 1, once for the others)
+            t_compile = time.perf_counter() - t0
+            compiled = decode_step_seconds(sc, B, S.compile_steps, blocks)
+            out[f"batch{B}"] = {"eager_step_s": eager, "compiled_step_s": compiled, "compile_s": t_compile}
+            rep.add("scale", f"compiled decode step, batch {B} (ms)", compiled * 1e3, "ms", "eager step (ms)",
+                    eager * 1e3, lower_is_better=True)
+    except Exception as e:  # noqa: BLE001 -- optional part: any failure of the compiler is a note
+        out["note"] = f"torch.compile failed, part skipped: {type(e).__name__}: {str(e)[:1500]}"
+    return out
+
+
+def bench_scale(rep: Report, figures: dict, args: ModelArgs = LLAMA3_8B, S: ScaleSizes = SCALE, device="cuda",
+                dtype=torch.bfloat16, seed: int = 0, save=None) -> None:
+    """All parts in order, each timed with its peak memory and saved (save()) as soon as it ends, so a run cut
+    short keeps what it measured. A part that fails records its error and the next one runs."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench.py --section scale compares with Hugging Face transformers: pip install transformers")
+    device = torch.device(device)
+    sc = Scale(args, S, device, dtype, seed, SyntheticTokenizer(args.vocab_size))
+    figures["config"] = {"args": asdict(args), "sizes": asdict(S), "dtype": str(dtype).removeprefix("torch."),
+                         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    parts = [("build", scale_build), ("decode", scale_decode), ("prefill", scale_prefill),
+             ("passes", scale_passes), ("svd", scale_svd), ("floor", scale_floor), ("svf_step", scale_step),
+             ("compile", scale_compile)]
+    start = time.perf_counter()
+    for name, part in parts:
+        if sc.model is None and name != "build" or time.perf_counter() - start > S.budget_s:
+            figures[name] = {"not_run": "the model was not built" if sc.model is None else
+                             f"not started: {S.budget_s:.0f} s of the budget were spent"}
+            continue
+        stage(f"scale: {name}")
+        memory_mark(device)
+        t0 = time.perf_counter()
+        try:
+            figures[name] = part(rep, sc)
+        except Exception as e:  # noqa: BLE001 -- one failed part (out of memory, say) must not lose the others
+            import traceback
+            traceback.print_exc()
+            figures[name] = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+            import gc
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        figures[name] |= {"seconds": time.perf_counter() - t0, **memory_peak(device)}
+        if name == "floor" and "error" not in figures[name]:
+            sc.floor = figures[name]
+        if save:
+            save()
+    peak = lambda f: f.get("peak_allocated_GB", f.get("process_peak_rss_GB", float("nan")))
+    if "t_step" in figures.get("svf_step", {}) and sc.floor:
+        rep.add("scale", "SVF step: peak memory (GB)", peak(figures["svf_step"]), "GB", "floor's peak (GB)",
+                peak(figures["floor"]), lower_is_better=True)
+
+
 # ----------------------------------------------------------------------------- command line
 def main(section: str, threads: int, quick: bool, agree_prompts: int | None, json_out: str | None, seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -637,6 +1163,20 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
         figures["adapt"] = {}
         bench_adapt(rep, S, figures["adapt"])
         rep.print("adapt")
+    if section == "scale":  # not in "all": it needs a CUDA GPU (and writes its JSON as it goes: $OUT by default)
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py --section scale needs a CUDA GPU (tests/test_bench_scale.py runs it at a tiny "
+                             "shape on the CPU)")
+        json_out = json_out or (os.environ.get("OUT") and str(Path(os.environ["OUT"]) / "bench-scale.json"))
+        machine["gpu"], figures["scale"] = torch.cuda.get_device_name(), {}
+
+        def save() -> None:
+            if json_out:
+                Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_out).write_text(json.dumps({"config": config, "machine": machine, "rows": rep.rows,
+                                                      "figures": figures, "partial": True}, indent=1, default=float))
+        bench_scale(rep, figures["scale"], seed=seed, save=save)
+        rep.print("scale")
     machine["load_avg_end"], machine["seconds"] = load_average(), time.perf_counter() - t0
     targets = [r for r in rep.rows if r["ok"] is not None]
     if targets:
@@ -655,12 +1195,13 @@ if __name__ == "__main__":
         description="Speed and memory of the model and of SVF training, beside peers measured in the same run "
                     "(Hugging Face transformers, the plain base model).",
         formatter_class=HelpFormatter)
-    p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "all"), default="all",
+    p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "scale", "all"), default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
                         "memory: only the peak-memory part of model (3 min); "
                         "svf: decomposition, expert switching, one training step (issue 'trainer'); "
                         "adapt: first pass against second pass per unseen task, switching experts (issue "
-                        "'adaptation')")
+                        "'adaptation'); scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside transformers, "
+                        "not part of all (issue 20, ~6 min on an H200)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (also for the memory subprocesses)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for development (one round per timing, fewer tokens and prompts; see QUICK "
