@@ -89,35 +89,61 @@ def parse_label(text: str) -> str | None:
 
 
 @torch.inference_mode()
-def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None, batch_size: int = 16,
-             method: str = "likelihood", share_prefix: bool = True) -> list[str]:
-    """A label from LABELS for every question, read by the base model (z None) or by expert z.
-
-    method "likelihood": the most likely reply "\\boxed{label}"; "generate": a greedy reply,
-    parsed by parse_label, and "other" when it names no category. share_prefix: compute the
-    system prompt that every question shares once per batch (False: every row in full; the
-    same labels, bench.py times both)."""
-    svf.use_expert(model, z)  # composed once for the whole batch (no key: z_c is not kept)
+def label_logprobs(model: Transformer, tokenizer, questions: list[str], z: dict | None = None,
+                   batch_size: int = 16, share_prefix: bool = True) -> torch.Tensor:
+    """log p(reply | question) of the four replies "\\boxed{label}" (LABELS order) under the base model
+    (z None) or expert z, summed over each reply's tokens: (questions, 4). share_prefix: compute the
+    system prompt that every question shares once per batch (False: every row in full)."""
+    svf.use_expert(model, z)  # composed once for the whole batch
     try:
         prompts = [tokenizer.encode_chat(classify_messages(q)) for q in questions]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: less padding
-        labels: list[str] = [""] * len(prompts)
         replies = [tokenizer.encode(r) for r in CLS_TASK.option_responses()]
+        out = torch.zeros(len(prompts), len(LABELS), dtype=torch.float64)
         for i in tqdm(range(0, len(order), batch_size), desc="classify", leave=False):
             idx = order[i:i + batch_size]
-            batch = [prompts[j] for j in idx]
-            if method == "likelihood":
-                logp = torch.stack(reply_logprobs(model, batch, [replies] * len(batch), tokenizer.pad_id,
-                                                  share_prefix))
-                best = logp.argmax(1).tolist()
-                found = [LABELS[k] for k in best]
-            elif method == "generate":
-                outs = generate(model, tokenizer, batch, CLS_TASK.max_new_tokens)
-                found = [parse_label(c.text) or "other" for c in outs]
-            else:
-                raise ValueError(f"unknown method {method!r}: choose likelihood or generate")
-            for j, label in zip(idx, found):
-                labels[j] = label
+            logp = reply_logprobs(model, [prompts[j] for j in idx], [replies] * len(idx), tokenizer.pad_id,
+                                  share_prefix)
+            out[idx] = torch.stack(logp).double().cpu()
+    finally:
+        svf.use_expert(model, None)
+    return out
+
+
+def reply_lengths(tokenizer) -> torch.Tensor:
+    """Tokens of each reply "\\boxed{label}": "reasoning" takes one more than the others."""
+    return torch.tensor([len(tokenizer.encode(r)) for r in CLS_TASK.option_responses()], dtype=torch.float64)
+
+
+def read_labels(logp: torch.Tensor, lengths: torch.Tensor, reduce: str = "mean") -> list[str]:
+    """The likeliest label of each row of label_logprobs: by the per-token mean log-probability of the
+    reply (reduce "mean"), or by its sum ("sum", which penalises a label of more tokens)."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"unknown reduce {reduce!r}: choose mean or sum")
+    scores = logp / lengths if reduce == "mean" else logp
+    return [LABELS[k] for k in scores.argmax(1).tolist()]
+
+
+@torch.inference_mode()
+def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None, batch_size: int = 16,
+             method: str = "likelihood", share_prefix: bool = True, reduce: str = "mean") -> list[str]:
+    """A label from LABELS for every question, read by the base model (z None) or by expert z.
+
+    method "likelihood": the reply "\\boxed{label}" of the highest per-token mean log-likelihood
+    (reduce, see read_labels); "generate": a greedy reply, parsed by parse_label, and "other" when it
+    names no category."""
+    if method == "likelihood":
+        return read_labels(label_logprobs(model, tokenizer, questions, z, batch_size, share_prefix),
+                           reply_lengths(tokenizer), reduce)
+    if method != "generate":
+        raise ValueError(f"unknown method {method!r}: choose likelihood or generate")
+    svf.use_expert(model, z)
+    try:
+        prompts = [tokenizer.encode_chat(classify_messages(q)) for q in questions]
+        labels = []
+        for i in tqdm(range(0, len(prompts), batch_size), desc="classify", leave=False):
+            outs = generate(model, tokenizer, prompts[i:i + batch_size], CLS_TASK.max_new_tokens)
+            labels += [parse_label(c.text) or "other" for c in outs]
     finally:
         svf.use_expert(model, None)
     return labels
@@ -144,16 +170,17 @@ def cls_problems(split: str, per_task: int = 0, seed: int = 0) -> list[dict]:
     """Labelled questions for the classification expert, from the train (or validation) split of each
     training task, balanced: per_task questions of each (0: as many as the smallest has), shuffled.
 
-    The question is the task's own user message (what the first pass will see). A question whose
-    text also appears in an evaluation set (a few ARC and MBPP duplicates under other ids) is left out.
+    The question is the one the user asked, without the task's instructions (what the first pass
+    reads, as in the paper: ARC-Challenge shares ARC-Easy's template and MATH GSM8K's, so a
+    template would be an easier cue than the question). A question whose text also appears in an
+    evaluation set (a few ARC and MBPP duplicates under other ids) is left out.
     """
     if split not in ("train", "validation"):
         raise ValueError(f"the classification expert uses the train and validation splits only, not {split!r}")
     held_out, rng = evaluation_questions(), random.Random(seed)
     pools = {}
     for label, name in LABEL_TO_EXPERT.items():
-        task = data.TASKS[name]
-        pools[name] = [{"id": f"cls/{p['id']}", "question": task.messages(p)[-1]["content"], "answer": label,
+        pools[name] = [{"id": f"cls/{p['id']}", "question": p["question"], "answer": label,
                         "source": name, "source_id": p["id"]}
                        for p in data.load(name, split) if normalise(p["question"]) not in held_out]
     n = per_task or min(len(pool) for pool in pools.values())
@@ -170,6 +197,7 @@ class Classification(data.Task):
     REINFORCE with a baseline learns nothing; sampling one of option_responses() by likelihood
     (as classify() reads them) gives the trainer a signal."""
     name, domain, max_new_tokens, stop = "cls", "other", 16, []
+    option_reduce = "mean"  # as classify() reads the labels: "reasoning" takes one token more
 
     def messages(self, problem: dict) -> list[dict[str, str]]:
         return classify_messages(problem["question"])

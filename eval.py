@@ -196,7 +196,7 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
     labels: list[str | None] = [None] * len(problems)
     experts = strategy_experts(strategy, loaded)
     if strategy in ("prompt", "cls"):
-        questions = [task.messages(p)[-1]["content"] for p in problems]  # what the second pass's user says
+        questions = [p["question"] for p in problems]  # the question asked, not the task's instructions
         labels = adapt.classify(model, tokenizer, questions, loaded["cls"] if strategy == "cls" else None,
                                 batch_size, classify)
         return adapt.dispatch(labels), experts, labels
@@ -370,18 +370,24 @@ def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: in
     problems = subset(adapt.cls_problems("validation"), limit, seed)
     questions, truth = [p["question"] for p in problems], [p["answer"] for p in problems]
     summary = {"n": len(problems), "split": "validation", "limit": limit, "seed": seed, "command": command}
+    lengths = adapt.reply_lengths(tokenizer)
+    summary["reply_tokens"] = dict(zip(adapt.LABELS, lengths.int().tolist()))
     for strategy, z in (("prompt", None), ("cls", cls_z)):
         t0 = time.perf_counter()
-        labels = adapt.classify(model, tokenizer, questions, z, batch_size)
-        correct = sum(label == t for label, t in zip(labels, truth))
-        confusion = {t: {label: sum(l == label and tt == t for l, tt in zip(labels, truth)) for label in adapt.LABELS}
-                     for t in dict.fromkeys(truth)}
-        summary[strategy] = {"correct": correct, "accuracy": correct / len(problems), "ci95": wilson(correct, len(problems)),
-                             "confusion": confusion, "seconds": time.perf_counter() - t0}
-        print(f"{strategy}: {correct}/{len(problems)} labelled with their domain ({correct / len(problems):.1%})")
-        print("  true \\ read " + "".join(f"{label:>10s}" for label in adapt.LABELS))
-        for t, row in confusion.items():
-            print(f"  {t:12s}" + "".join(f"{row[label]:10d}" for label in adapt.LABELS))
+        logp = adapt.label_logprobs(model, tokenizer, questions, z, batch_size)
+        seconds = time.perf_counter() - t0
+        for reduce in ("mean", "sum"):  # the first pass reads the mean; the sum for comparison
+            labels = adapt.read_labels(logp, lengths, reduce)
+            correct = sum(label == t for label, t in zip(labels, truth))
+            confusion = {t: {label: sum(l == label and tt == t for l, tt in zip(labels, truth))
+                             for label in adapt.LABELS} for t in dict.fromkeys(truth)}
+            key = strategy if reduce == "mean" else f"{strategy}-sum"
+            summary[key] = {"correct": correct, "accuracy": correct / len(problems), "reduce": reduce,
+                            "ci95": wilson(correct, len(problems)), "confusion": confusion, "seconds": seconds}
+            print(f"{key}: {correct}/{len(problems)} labelled with their domain ({correct / len(problems):.1%})")
+            print("  true \\ read " + "".join(f"{label:>10s}" for label in adapt.LABELS))
+            for t, row in confusion.items():
+                print(f"  {t:12s}" + "".join(f"{row[label]:10d}" for label in adapt.LABELS))
     out = out_dir / "routing"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

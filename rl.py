@@ -276,10 +276,15 @@ def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[
 
 
 def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:
-    """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z.
+    """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z: summed
+    over the reply's tokens, or their mean when task.option_reduce is "mean" (the first pass's labels).
     One packed forward pass: each prompt is computed once, not once per option (replies.reply_logprobs)."""
     prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
-    return [lp / temperature for lp in reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)]
+    logps = reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)
+    if task.option_reduce == "mean":
+        logps = [lp / torch.tensor([len(r) for r in rs], dtype=lp.dtype, device=lp.device)
+                 for lp, rs in zip(logps, replies)]
+    return [lp / temperature for lp in logps]
 
 
 def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator) -> dict:

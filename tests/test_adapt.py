@@ -110,9 +110,11 @@ def test_classify_uses_z_then_returns_to_base():
     def plain_logprob(p, r):  # independent of the packed pass: one unpadded row per (prompt, reply)
         logp = torch.log_softmax(model(torch.tensor([p + r]))[0, len(p) - 1:-1], -1)
         return logp.gather(-1, torch.tensor(r)[:, None]).sum().item()
-    want = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k])) for p in prompts]
-    assert with_z == [adapt.LABELS[k] for k in want]
+    by_sum = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k])) for p in prompts]
+    by_mean = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k]) / len(replies[k])) for p in prompts]
     svf.use_expert(model, None)
+    assert with_z == [adapt.LABELS[k] for k in by_mean]   # the default: per-token mean
+    assert adapt.classify(model, tok, questions, z=z, reduce="sum") == [adapt.LABELS[k] for k in by_sum]
     assert all(m.merged is None for m in svf.wrappers(model).values())
     assert adapt.classify(model, tok, questions, z=z, share_prefix=False) == with_z  # bench.py's "in full" peer
 
@@ -369,12 +371,33 @@ def test_cls_training_data_holds_no_evaluation_question():
             source = sources[p["source_id"]]  # from this split of a training task, and nowhere else
             assert p["source_id"] not in held_out_ids
             assert " ".join(source["question"].split()).lower() not in held_out_questions
-            assert source["question"].strip() in p["question"]  # the task's prompt holds the question
+            assert p["question"] == source["question"]  # the question asked, without the task's instructions
             assert p["answer"] == data.TASKS[p["source"]].domain
         counts = {label: sum(p["answer"] == label for p in problems) for label in ("math", "code", "reasoning")}
         assert len(set(counts.values())) == 1, counts  # balanced
     with pytest.raises(ValueError, match="train and validation"):
         adapt.cls_problems("test")
+
+
+def test_the_first_pass_reads_the_question_asked_not_the_task_template(monkeypatch):
+    """ARC-Challenge shares ARC-Easy's template and MATH GSM8K's: routing on the full user message
+    could read the template instead of the question (the paper routes on the user's question)."""
+    seen = []
+    monkeypatch.setattr(adapt, "classify", lambda model, tok, questions, *a, **k: seen.append(questions)
+                        or ["math"] * len(questions))
+    problems = data.load("arc_challenge", "test")[:3]
+    choice, _, labels = evaluation.first_pass(None, None, data.TASKS["arc_challenge"], problems, "prompt",
+                                              {n: None for n in evaluation.DOMAIN_EXPERTS}, [], 0, 0, False,
+                                              "likelihood", 4, 0, None)
+    assert seen == [[p["question"] for p in problems]] and choice == ["gsm8k"] * 3
+
+
+def test_the_cls_expert_trains_on_the_scores_the_first_pass_reads():
+    model, tok = tiny_model(), CharTokenizer()
+    problems = [{"question": q, "answer": "math"} for q in ("what is 2 + 2?", "write a function")]
+    trained = torch.stack(rl.option_logits(model, tok, adapt.CLS_TASK, problems, 1.0))
+    read = adapt.label_logprobs(model, tok, [p["question"] for p in problems]) / adapt.reply_lengths(tok)
+    torch.testing.assert_close(trained, read.to(trained.dtype))
 
 
 def test_cls_task_rewards_the_right_label():
