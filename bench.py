@@ -647,7 +647,8 @@ class SyntheticTokenizer:
         self.vocab_size = vocab_size
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        return [1 + self.digest(text[i:i + self.chars]) % (self.vocab_size - 1) for i in range(0, len(text), self.chars)]
+        return [1 + self.digest(text[i:i + self.chars]) % (self.vocab_size - 1)
+                for i in range(0, len(text), self.chars)]
 
     @staticmethod
     def digest(chunk: str) -> int:  # the same in every run (Python's hash() of a str is not)
@@ -1008,7 +1009,10 @@ def scale_step(rep: Report, sc: Scale) -> dict:
     model, dev = sc.model, sc.device
     svf.attach(model, sc.svd)
     try:
-        z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
+        # a step in mid-training: z off 1, so that the rollout composes an expert and the exact KL is computed
+        g = torch.Generator().manual_seed(sc.seed)
+        z = {n: torch.nn.Parameter(v + 1e-3 * torch.randn(v.shape, generator=g).to(v))
+             for n, v in svf.ones(model).items()}
         opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
         s = {}
         synced(lambda: s.update(rl.train_step(model, sc.tok, task, problems, z, opt, cfg,
