@@ -160,6 +160,10 @@ def test_svf_experts_compose_on_the_device(folder, device, dtype):
     composed_reference(ref, z)
     with torch.no_grad():
         close(merged, ref(x.cpu()), dtype)                        # = U diag(s z) V^T computed independently
+    svf.use_expert(model, z, cache=True)                          # kept, keyed by z's contents
+    svf.use_expert(model, z, cache=True)
+    with torch.no_grad():
+        assert torch.equal(model(x), merged)
     svf.train_z(model, z)
     close(model(x), merged, dtype)                                # the training path composes the same
     svf.use_expert(model, None)
@@ -234,6 +238,24 @@ def test_a_training_step_runs_on_the_device(folder, device, dtype, method):
     assert np.isfinite([stats["pg"], stats["kl"], stats["grad_norm"]]).all() and stats["grad_norm"] > 0
     assert all(v.device.type == device for v in z.values())
     assert max((z[n] - start[n]).abs().max().item() for n in z) > 1e-3  # AdamW moved the tensors
+
+
+@on_every_device
+def test_a_training_run_saves_and_reloads_its_expert_on_the_device(folder, device, dtype, tmp_path, monkeypatch):
+    """rl.train: validation, checkpoints (torch.save of device tensors and the device generator's state), and
+    the best expert read back onto the device."""
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    model = load(folder, device, dtype)
+    cfg = rl.TrainConfig(task="toy", targets="mlp", steps=2, batch_size=2, samples=2, temperature=1.0, lr=0.05,
+                         kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=4, eval_every=1, val_limit=0)
+    best = rl.train(model, ToyTokenizer(), cfg, tmp_path / "run", log=lambda *a: None, task=ToyTask(),
+                    train_set=toy_train_problems(4, 0), val_set=toy_train_problems(2, 1))
+    assert all(v.device.type == device for v in best.z.values())
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and all(v.device.type == device for v in state["params"].values())
+    last = svf.Expert.load(tmp_path / "run" / "last.safetensors", model)
+    assert all(torch.equal(last.z[n], state["params"][n].float()) for n in last.z)
+    assert max((v - 1).abs().max().item() for v in last.z.values()) > 1e-3  # it trained
 
 
 @on_every_device
