@@ -108,3 +108,21 @@ def test_scale_section_refuses_to_run_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench.main(section="scale", threads=2, quick=False, agree_prompts=None, json_out=None, seed=0)
+
+
+def test_the_command_line_runs_the_section_and_writes_its_json_to_out(monkeypatch, tmp_path):
+    """bench.main's dispatch as the GPU session runs it (`OUT` set, no --json), with the GPU faked and the
+    section at the tiny shape: the JSON lands in $OUT/bench-scale.json, complete."""
+    real = bench.bench_scale
+    tiny = replace(SIZES, decode_batches=(2,), compile_backend="", pass_questions=1)
+    monkeypatch.setattr(bench, "bench_scale", lambda rep, figures, seed, save: real(
+        rep, figures, TINY, tiny, device="cpu", dtype=torch.float32, seed=seed, save=save))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a fake GPU")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    bench.main(section="scale", threads=2, quick=False, agree_prompts=None, json_out=None, seed=0)
+    doc = json.loads((tmp_path / "bench-scale.json").read_text())
+    assert doc["machine"]["gpu"] == "a fake GPU" and "partial" not in doc
+    scale = doc["figures"]["scale"]
+    assert scale["decode"]["batch2"]["same_prefix_share"] == 1.0 and scale["svf_step"]["tokens"] > 0
+    assert {r["section"] for r in doc["rows"]} == {"scale"}
