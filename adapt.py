@@ -115,9 +115,11 @@ def reply_lengths(tokenizer) -> torch.Tensor:
     return torch.tensor([len(tokenizer.encode(r)) for r in CLS_TASK.option_responses()], dtype=torch.float64)
 
 
-def read_labels(logp: torch.Tensor, lengths: torch.Tensor, reduce: str = "mean") -> list[str]:
-    """The likeliest label of each row of label_logprobs: by the per-token mean log-probability of the
-    reply (reduce "mean"), or by its sum ("sum", which penalises a label of more tokens)."""
+def read_labels(logp: torch.Tensor, lengths: torch.Tensor, reduce: str = "sum") -> list[str]:
+    """The likeliest label of each row of label_logprobs: by the reply's log-probability summed over its
+    tokens (reduce "sum"), or by its per-token mean ("mean"). The sum penalises "reasoning" by its one
+    token more, but the mean over-corrects: read by the base model, it sends most math to reasoning
+    (eval.py --routing reports both; RESULTS.md has the figures)."""
     if reduce not in ("mean", "sum"):
         raise ValueError(f"unknown reduce {reduce!r}: choose mean or sum")
     scores = logp / lengths if reduce == "mean" else logp
@@ -126,12 +128,12 @@ def read_labels(logp: torch.Tensor, lengths: torch.Tensor, reduce: str = "mean")
 
 @torch.inference_mode()
 def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None, batch_size: int = 16,
-             method: str = "likelihood", share_prefix: bool = True, reduce: str = "mean") -> list[str]:
+             method: str = "likelihood", share_prefix: bool = True, reduce: str = "sum") -> list[str]:
     """A label from LABELS for every question, read by the base model (z None) or by expert z.
 
-    method "likelihood": the reply "\\boxed{label}" of the highest per-token mean log-likelihood
-    (reduce, see read_labels); "generate": a greedy reply, parsed by parse_label, and "other" when it
-    names no category."""
+    method "likelihood": the likeliest reply "\\boxed{label}" (reduce, see read_labels: as the
+    classification expert's options policy scores them); "generate": a greedy reply, parsed by
+    parse_label, and "other" when it names no category."""
     if method == "likelihood":
         return read_labels(label_logprobs(model, tokenizer, questions, z, batch_size, share_prefix),
                            reply_lengths(tokenizer), reduce)
@@ -197,7 +199,6 @@ class Classification(data.Task):
     REINFORCE with a baseline learns nothing; sampling one of option_responses() by likelihood
     (as classify() reads them) gives the trainer a signal."""
     name, domain, max_new_tokens, stop = "cls", "other", 16, []
-    option_reduce = "mean"  # as classify() reads the labels: "reasoning" takes one token more
 
     def messages(self, problem: dict) -> list[dict[str, str]]:
         return classify_messages(problem["question"])

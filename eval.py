@@ -376,12 +376,12 @@ def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: in
         t0 = time.perf_counter()
         logp = adapt.label_logprobs(model, tokenizer, questions, z, batch_size)
         seconds = time.perf_counter() - t0
-        for reduce in ("mean", "sum"):  # the first pass reads the mean; the sum for comparison
+        for reduce in ("sum", "mean"):  # the first pass reads the sum; the per-token mean for comparison
             labels = adapt.read_labels(logp, lengths, reduce)
             correct = sum(label == t for label, t in zip(labels, truth))
             confusion = {t: {label: sum(l == label and tt == t for l, tt in zip(labels, truth))
                              for label in adapt.LABELS} for t in dict.fromkeys(truth)}
-            key = strategy if reduce == "mean" else f"{strategy}-sum"
+            key = strategy if reduce == "sum" else f"{strategy}-mean"
             summary[key] = {"correct": correct, "accuracy": correct / len(problems), "reduce": reduce,
                             "ci95": wilson(correct, len(problems)), "confusion": confusion, "seconds": seconds}
             print(f"{key}: {correct}/{len(problems)} labelled with their domain ({correct / len(problems):.1%})")

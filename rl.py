@@ -68,6 +68,8 @@ class TrainConfig:
     micro_tokens: int = 4096       # and at most this many padded tokens (rows x longest row) in one: a
                                    # backward pass keeps ~1.4 MB per token on SmolLM2-135M (a longer row goes alone)
     gen_batch: int = 32            # sequences per generation batch
+    dynamic_draws: int = 0         # dynamic sampling (DAPO): draw up to this many problems a step until batch_size
+                                   # of them have rewards that differ, and train on those (0: off, every group)
     eval_every: int = 10           # validate every N steps (and at the end)
     val_limit: int = 100           # validation problems (0: all)
     seed: int = 0
@@ -218,14 +220,44 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[li
     return groups
 
 
-def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator) -> dict:
+def sample_groups(model, tokenizer, task, problems, cfg: TrainConfig, z, generator, more=None):
+    """Roll out and score cfg.samples responses per problem: (problems, prompts, completions, rewards
+    (problems, samples), problems drawn, informative groups found). Dynamic sampling (DAPO; cfg.dynamic_draws > 0 and more() gives the
+    next problems): draw more until cfg.batch_size groups have rewards that differ or dynamic_draws
+    problems are drawn, and keep the informative groups only (a group whose rewards agree has no
+    advantage under a baseline). Rare rewards need it: at 3% pass@1, 4 samples rarely disagree."""
+    rows, drawn, found = [], 0, 0
+    while True:
+        prompts, comps = rollout(model, tokenizer, task, problems, cfg, z, generator)
+        repeated = [p for p in problems for _ in range(cfg.samples)]
+        correct = task.score_many(repeated, [c.text for c in comps])
+        rewards = (torch.tensor(correct, dtype=torch.float32) * 2 - 1).view(len(problems), cfg.samples)  # +1 / -1
+        S = cfg.samples
+        rows += [(p, prompts[i * S:(i + 1) * S], comps[i * S:(i + 1) * S], rewards[i]) for i, p in enumerate(problems)]
+        drawn += len(problems)
+        if not (cfg.dynamic_draws and more is not None):
+            break
+        informative = [r for r in rows if r[3].std() > 0]
+        if len(informative) >= cfg.batch_size or drawn >= cfg.dynamic_draws:
+            rows, found = informative[:cfg.batch_size], len(informative)
+            break
+        problems = more()[:cfg.dynamic_draws - drawn]
+    problems = [r[0] for r in rows]
+    prompts = [q for r in rows for q in r[1]]
+    comps = [c for r in rows for c in r[2]]
+    rewards = torch.stack([r[3] for r in rows]) if rows else torch.zeros(0, cfg.samples)
+    if not cfg.dynamic_draws or more is None:
+        found = int((rewards.std(1) > 0).sum())
+    return problems, prompts, comps, rewards, drawn, found
+
+
+def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator, more=None) -> dict:
+    """One step: rollout (with dynamic sampling when more() is given), advantages, loss, AdamW."""
     t0 = time.perf_counter()
-    prompts, comps = rollout(model, tokenizer, task, problems, cfg, z, generator)
+    problems, prompts, comps, rewards, drawn, found = sample_groups(model, tokenizer, task, problems, cfg, z,
+                                                                    generator, more)
     t1 = time.perf_counter()
-    repeated = [p for p in problems for _ in range(cfg.samples)]
-    correct = task.score_many(repeated, [c.text for c in comps])
-    rewards = torch.tensor(correct, dtype=torch.float32) * 2 - 1                       # +1 / -1
-    adv = advantages(rewards.view(len(problems), cfg.samples), cfg.baseline)           # (problems, samples)
+    adv = advantages(rewards, cfg.baseline)                                             # (problems, samples)
     t2 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
     parts = {"pg": 0.0, "kl": 0.0}
@@ -254,10 +286,13 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     if groups:
         opt.step()
     n_tokens = sum(len(c.tokens) for c in comps)
-    return {"reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct), **parts,
-            "grad_norm": grad_norm, "skipped": skipped,
-            "z_dev": distance_from_base(z),
-            "agree_share": (rewards.view(len(problems), -1).std(1) == 0).float().mean().item(),  # all samples agree
+    agree = (rewards.std(1) == 0).float() if len(rewards) else torch.ones(1)
+    return {"reward": rewards.mean().item() if len(rewards) else float("nan"),
+            "accuracy": (rewards > 0).float().mean().item() if len(rewards) else float("nan"), **parts,
+            "grad_norm": grad_norm, "skipped": skipped, "z_dev": distance_from_base(z),
+            "agree_share": agree.mean().item(),                                 # groups whose samples all agree
+            "drawn": drawn, "groups": len(problems),
+            "informative_share": found / drawn,               # problems drawn whose rewards differ
             "tokens": n_tokens, "rollout_tok_s": n_tokens / (t1 - t0), "t_rollout": t1 - t0,
             "t_score": t2 - t1, "t_backward": t3 - t2, "t_step": time.perf_counter() - t0}
 
@@ -276,18 +311,13 @@ def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[
 
 
 def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:
-    """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z: summed
-    over the reply's tokens, or their mean when task.option_reduce is "mean" (the first pass's labels).
+    """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z.
     One packed forward pass: each prompt is computed once, not once per option (replies.reply_logprobs)."""
     prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
-    logps = reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)
-    if task.option_reduce == "mean":
-        logps = [lp / torch.tensor([len(r) for r in rs], dtype=lp.dtype, device=lp.device)
-                 for lp, rs in zip(logps, replies)]
-    return [lp / temperature for lp in logps]
+    return [lp / temperature for lp in reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)]
 
 
-def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator) -> dict:
+def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator, more=None) -> dict:
     """One step of the multiple-choice variant: cfg.samples actions per problem sampled from pi_z,
     loss -A log pi_z(a|x) + lambda KL(pi_z || pi_base); cfg.micro_batch problems per forward pass."""
     t0 = time.perf_counter()
@@ -351,7 +381,7 @@ def reference_tokens(tokenizer, task, problem: dict, end: list[int]) -> tuple[li
     return tokenizer.encode_chat(task.messages(problem)), tokenizer.encode(task.reference_response(problem)) + end
 
 
-def sft_step(model, tokenizer, task, problems, params, opt, cfg: TrainConfig, generator) -> dict:
+def sft_step(model, tokenizer, task, problems, params, opt, cfg: TrainConfig, generator, more=None) -> dict:
     """One step of loss = mean over all reference tokens of -log p(y_t | x, y_<t), in micro-batches
     (each divided by the step's token count, so the accumulated gradient is that of one big batch)."""
     t0 = time.perf_counter()
@@ -465,7 +495,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     # no weight decay: it would pull z towards 0 (not 1), and the paper's LoRA baseline names none
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator(model.tok_embeddings.weight.device).manual_seed(cfg.seed)
-    start, best = 0, -1.0
+    start, best, chunk = 0, -1.0, 0
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "state.pt"
     if resume and state_path.exists():
@@ -478,6 +508,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
                 z[n].copy_(st["params"][n])
         opt.load_state_dict(st["opt"]), gen.set_state(st["gen"])
         start, best = st["step"], st["best"]
+        chunk = st.get("chunks", start)
         log(f"resumed from step {start} (best validation accuracy {best:.3f})")
     elif resume:
         log(f"nothing to resume in {out}: starting fresh")
@@ -488,7 +519,8 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
 
     def checkpoint(step: int) -> None:
         save_atomic({"params": {n: v.detach() for n, v in z.items()}, "opt": opt.state_dict(),
-                     "gen": gen.get_state(), "step": step, "best": best, "config": asdict(cfg)}, state_path)
+                     "gen": gen.get_state(), "step": step, "best": best, "chunks": chunk, "config": asdict(cfg)},
+                    state_path)
         File({n: v.detach() for n, v in z.items()}, {**meta, "step": step}).save(out / "last.safetensors")
 
     step_fn = sft_step if cfg.objective == "sft" else train_step if cfg.rollout == "generate" else option_step
@@ -509,6 +541,12 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
         File(start_params, {**meta, "step": 0, "val_accuracy": best}).save(out / "best.safetensors")
     stop = {"asked": False}
 
+    def next_problems() -> list[dict]:  # the data order: seeded chunks of batch_size, one or more a step
+        nonlocal chunk
+        idx = batch_for_step(len(train_set), chunk, cfg.batch_size, cfg.seed)
+        chunk += 1
+        return [train_set[i] for i in idx]
+
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: exit now
         if stop["asked"]:
             raise KeyboardInterrupt
@@ -519,9 +557,8 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
     try:
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.task} ({cfg.method})")
         for step in bar:
-            problems = [train_set[i] for i in batch_for_step(len(train_set), step, cfg.batch_size, cfg.seed)]
             lr = set_lr(opt, cfg, step)
-            stats = step_fn(model, tokenizer, task, problems, z, opt, cfg, gen)
+            stats = step_fn(model, tokenizer, task, next_problems(), z, opt, cfg, gen, more=next_problems)
             record = {"step": step + 1, "lr": lr, **stats}
             if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 record |= validation(z)

@@ -31,7 +31,6 @@ class Task:
     domain: str            # "math" | "code" | "reasoning": the expert that should answer it
     max_new_tokens: int    # a sensible generation budget for this task's answers
     stop: list[str] = []   # extra stop strings for generation (may be empty)
-    option_reduce = "sum"  # multiple choice: an option's log-likelihood summed over its tokens, or "mean"
 
     def prompt(self, problem: dict) -> str:
         raise NotImplementedError

@@ -113,8 +113,8 @@ def test_classify_uses_z_then_returns_to_base():
     by_sum = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k])) for p in prompts]
     by_mean = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k]) / len(replies[k])) for p in prompts]
     svf.use_expert(model, None)
-    assert with_z == [adapt.LABELS[k] for k in by_mean]   # the default: per-token mean
-    assert adapt.classify(model, tok, questions, z=z, reduce="sum") == [adapt.LABELS[k] for k in by_sum]
+    assert with_z == [adapt.LABELS[k] for k in by_sum]   # the default: summed over the reply's tokens
+    assert adapt.classify(model, tok, questions, z=z, reduce="mean") == [adapt.LABELS[k] for k in by_mean]
     assert all(m.merged is None for m in svf.wrappers(model).values())
     assert adapt.classify(model, tok, questions, z=z, share_prefix=False) == with_z  # bench.py's "in full" peer
 
@@ -396,7 +396,7 @@ def test_the_cls_expert_trains_on_the_scores_the_first_pass_reads():
     model, tok = tiny_model(), CharTokenizer()
     problems = [{"question": q, "answer": "math"} for q in ("what is 2 + 2?", "write a function")]
     trained = torch.stack(rl.option_logits(model, tok, adapt.CLS_TASK, problems, 1.0))
-    read = adapt.label_logprobs(model, tok, [p["question"] for p in problems]) / adapt.reply_lengths(tok)
+    read = adapt.label_logprobs(model, tok, [p["question"] for p in problems])
     torch.testing.assert_close(trained, read.to(trained.dtype))
 
 
