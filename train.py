@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 import rl
 import svf
 from checkpoint import load
@@ -37,7 +38,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Flags whose default is the task's (data.Task.train_defaults), else rl.TrainConfig's.
+PER_TASK = ("samples", "temperature", "batch_size", "dynamic_draws", "max_new_tokens")
+
+
 def main(model: str | None, out: str | None, resume: bool, device: str, dtype: str, threads: int, **kwargs) -> None:
+    task_defaults = data.TASKS[kwargs["task"]].train_defaults if kwargs["task"] in data.TASKS else {}
+    if kwargs["method"] == "svf" and kwargs["objective"] in (None, "reinforce") and kwargs["rollout"] == "generate":
+        for k in PER_TASK:
+            if kwargs[k] is None and k in task_defaults:
+                kwargs[k] = task_defaults[k]
+    defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
+    kwargs = {k: defaults[k] if k in PER_TASK and v is None else v for k, v in kwargs.items()}
     if kwargs["objective"] is None:  # the paper's pairing: SVF by reward, LoRA by next-token prediction
         kwargs["objective"] = "reinforce" if kwargs["method"] == "svf" else "sft"
     if kwargs["validation"] is None:
@@ -55,6 +67,8 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     if cfg.objective == "reinforce" and cfg.rollout == "generate" and not cfg.temperature > 0:
         raise SystemExit("error: --temperature must be > 0 for REINFORCE (the log-probs are scored at the "
                          "temperature that sampled; a greedy rollout has none)")
+    if cfg.dynamic_draws < 0 or 0 < cfg.dynamic_draws < cfg.batch_size:
+        raise SystemExit("error: --dynamic-draws must be 0 (off) or at least --batch-size")
     if cfg.baseline == "loo" and cfg.samples < 2 and cfg.objective == "reinforce":
         raise SystemExit("error: --baseline loo needs --samples 2 or more")
     if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.micro_tokens, cfg.gen_batch) < 1:
@@ -92,6 +106,12 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
         print(f"no validation (--eval-every 0); the expert after step {expert.meta['step']}: {out_dir / 'last.safetensors'}")
 
 
+def per_task(key: str) -> str:
+    """The tasks' own defaults of a flag, for --help: 'gsm8k 16, mbpp 16'."""
+    return ", ".join(f"{t} {data.TASKS[t].train_defaults[key]}" for t in TRAIN_TASKS
+                     if t in data.TASKS and key in data.TASKS[t].train_defaults) or "none"
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
@@ -109,11 +129,19 @@ if __name__ == "__main__":
     p.add_argument("--lora-targets", default=defaults["lora_targets"], choices=["qv", "attn", "mlp", "all"],
                    help="lora: matrices that get an adapter")
     p.add_argument("--steps", type=int, default=defaults["steps"], help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=defaults["batch_size"], help="prompts per step")
-    p.add_argument("--samples", type=int, default=defaults["samples"], help="responses sampled per prompt")
-    p.add_argument("--temperature", type=float, default=defaults["temperature"], help="rollout temperature (> 0); the log-probs are scored at it")
+    task_says = lambda k: f" (default: the task's, {per_task(k)}; else {defaults[k]})"
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per step (with --dynamic-draws: groups with differing rewards wanted per step, "
+                        "drawn in chunks of this many prompts)" + task_says("batch_size"))
+    p.add_argument("--samples", type=int, default=None, help="responses sampled per prompt" + task_says("samples"))
+    p.add_argument("--temperature", type=float, default=None,
+                   help="rollout temperature (> 0); the log-probs are scored at it" + task_says("temperature"))
+    p.add_argument("--dynamic-draws", type=int, default=None,
+                   help="dynamic sampling (DAPO): draw up to this many prompts a step until --batch-size of them "
+                        "have rewards that differ, and train on those (0: off)" + task_says("dynamic_draws"))
     p.add_argument("--top-p", type=float, default=defaults["top_p"], help="rollout nucleus threshold")
-    p.add_argument("--max-new-tokens", type=int, default=defaults["max_new_tokens"], help="0: the task's default")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per rollout and validation answer, 0: the task's answer budget" + task_says("max_new_tokens"))
     p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate on z")
     p.add_argument("--cosine", action="store_true", help="cosine-decay the learning rate to 0")
     p.add_argument("--kl-coef", type=float, default=defaults["kl_coef"], help="lambda of the KL(pi_z || pi_base) penalty on whole responses (the per-token exact KL summed "

@@ -31,6 +31,9 @@ class Task:
     domain: str            # "math" | "code" | "reasoning": the expert that should answer it
     max_new_tokens: int    # a sensible generation budget for this task's answers
     stop: list[str] = []   # extra stop strings for generation (may be empty)
+    # Trainer settings for this task (train.py's defaults where a flag does not say otherwise). Rare
+    # rewards need many samples per prompt near temperature 1, and dynamic sampling (rl.sample_groups).
+    train_defaults: dict = {}
 
     def prompt(self, problem: dict) -> str:
         raise NotImplementedError
@@ -74,6 +77,7 @@ def as_number(text: str) -> Decimal | None:
 
 class GSM8K(Task):
     name, domain, max_new_tokens, stop = "gsm8k", "math", 384, ["\nQuestion:"]
+    train_defaults = {"samples": 16, "temperature": 1.0, "batch_size": 4, "dynamic_draws": 12, "max_new_tokens": 256}
 
     def prompt(self, problem: dict) -> str:
         return (f"{problem['question']}\n\nSolve the problem step by step. "
@@ -250,6 +254,7 @@ class CodeTask(Task):
 
 class MBPP(CodeTask):
     name = "mbpp"
+    train_defaults = {"samples": 16, "temperature": 1.0, "batch_size": 4, "dynamic_draws": 12, "max_new_tokens": 384}
 
     def prompt(self, problem: dict) -> str:
         return (f"{problem['question']}\n\nWrite a Python function that solves the task above and "

@@ -616,3 +616,56 @@ def test_resume_refuses_other_settings_by_name(tmp_path, monkeypatch):
         run_toy(tmp_path / "run", steps=3, resume=True, temperature=0.7)
     records = run_toy(tmp_path / "run", steps=3, resume=True, micro_tokens=64)   # more steps, another split: fine
     assert [r["step"] for r in records] == [0, 1, 2, 3]
+
+
+def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, monkeypatch):
+    """DAPO's dynamic sampling: draw problems until batch_size groups have rewards that differ (or the
+    cap is reached); every kept group is informative, and the log says how many were drawn."""
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    seen = []
+    real = rl.reinforce_loss
+    monkeypatch.setattr(rl, "reinforce_loss", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    records = run_toy(tmp_path / "run", steps=4, samples=4, baseline="loo", dynamic_draws=8, eval_every=0)
+    assert all(r["drawn"] in (2, 4, 6, 8) and r["groups"] <= 2 for r in records)
+    assert any(r["drawn"] > 2 for r in records) and any(r["groups"] > 0 for r in records)
+    for r in records:
+        assert r["informative_share"] * r["drawn"] >= r["groups"]
+        if r["groups"]:
+            assert r["agree_share"] == 0.0           # no group whose rewards all agree is trained on
+    for adv in seen:                                   # each kept group has a non-zero advantage
+        assert adv.view(-1, 4).abs().sum(1).min() > 0
+
+
+def test_a_resumed_dynamic_sampling_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    kw = dict(samples=4, baseline="loo", dynamic_draws=8)
+    straight = run_toy(tmp_path / "a", steps=4, **kw)
+    with pytest.raises(SystemExit):
+        run_toy(tmp_path / "b", steps=4, interrupt_at=2, monkeypatch=monkeypatch, **kw)
+    monkeypatch.undo()
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
+    resumed = run_toy(tmp_path / "b", steps=4, resume=True, **kw)
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+    assert strip(resumed) == strip(straight)
+
+
+@pytest.mark.parametrize("argv,want", [
+    ([], {"samples": 16, "temperature": 1.0, "batch_size": 4, "dynamic_draws": 12, "max_new_tokens": 256}),
+    (["--samples", "8", "--dynamic-draws", "0"], {"samples": 8, "dynamic_draws": 0, "temperature": 1.0}),
+    (["--task", "arc_easy"], {"samples": 4, "temperature": 0.7, "batch_size": 8, "dynamic_draws": 0}),
+    (["--method", "lora"], {"samples": 4, "dynamic_draws": 0, "objective": "sft"}),
+])
+def test_train_py_takes_each_tasks_own_defaults_unless_a_flag_says_otherwise(argv, want, monkeypatch, capsys):
+    import runpy
+    import sys
+    import checkpoint
+
+    def stop(*a, **k):
+        raise SystemExit("stopped before loading")
+    monkeypatch.setattr(checkpoint, "load", stop)
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit, match="stopped before loading"):
+        runpy.run_path("train.py", run_name="__main__")
+    out = capsys.readouterr().out
+    config = json.loads(out[out.index("{"):out.rindex("}") + 1])
+    assert {k: config[k] for k in want} == want
