@@ -215,6 +215,12 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
     return [name] * len(problems), {name: z}, labels
 
 
+# The version of the code that makes a summary: raised when a fix changes what a strategy gives, so that
+# results.py can mark the cells made before it. 2: few-shot mixes the experts' changes, and the first
+# pass reads the question asked (not the task's instructions) with a classification expert trained on it.
+CODE_VERSION = 2
+
+
 # ----------------------------------------------------------------------------- an interrupted run goes on
 PARTIAL = "partial.jsonl"  # in a task's output folder while its evaluation is unfinished
 
@@ -337,7 +343,7 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
         "first_pass_s": first["seconds"], "second_pass_s": second_s, "scoring_s": t3 - t2,
         "first_pass_share": first["seconds"] / second_s,  # paper Table 3: first pass as a share of the second
         "generated_tokens": sum(len(c.tokens) for c in completions), "limit": limit, "seed": seed,
-        "command": command, "resumed": resumed, "run": run,
+        "command": command, "resumed": resumed, "run": run, "code_version": CODE_VERSION,
     }
     with open(out / "responses.jsonl", "w") as f:
         for p, c, e, v, ch, lab in zip(problems, completions, extracted, verdicts, choice, labels):

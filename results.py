@@ -138,12 +138,24 @@ def answers(run: dict) -> str:
     return text + f" (answering {top} every time would score {sum(r.get('gold') == top for r in rows)}/{len(rows)})"
 
 
+# Strategies whose results changed with eval.CODE_VERSION 2 (the mixing rule, the first pass's input):
+# their cells from older summaries are marked until they are run again.
+CHANGED_IN_2 = ("prompt", "cls", "fewshot")
+STALE = ("† made by the code before the correctness fixes of the mixing rule and the first pass "
+         "(eval.CODE_VERSION 1): to be run again")
+
+
+def stale(run: dict | None) -> bool:
+    return run is not None and run.get("strategy") in CHANGED_IN_2 and run.get("code_version", 1) < 2
+
+
 def cell(run: dict | None) -> str:
-    """"19.7% (118/600) [16.7, 23.0]": accuracy, counts and the 95% Wilson interval of summary.json."""
+    """"19.7% (118/600) [16.7, 23.0]": accuracy, counts and the 95% Wilson interval of summary.json
+    (with † when the code that made it has since changed the strategy's results)."""
     if run is None:
         return NOT_RUN
     ci = " [{:.1f}, {:.1f}]".format(*(100 * x for x in run["ci95"])) if run.get("ci95") else ""
-    return f"{100 * run['correct'] / run['n']:.1f}% ({run['correct']}/{run['n']}){ci}"
+    return f"{100 * run['correct'] / run['n']:.1f}% ({run['correct']}/{run['n']}){ci}" + (" †" if stale(run) else "")
 
 
 def duration(seconds: float) -> str:
@@ -361,6 +373,7 @@ def main(results: str, out: str, experts: str, adapters: str) -> None:
         "The LoRA baseline has no adaptation step, so its column is the adapter of the nearest training "
         "domain: " + ", ".join(f"{NAMES[t]} <- adapter-{d}" for t, d in NEAREST.items()) + ".", "",
         *table(results_dir, TABLE2_ROWS, TABLE2, {}), "",
+        STALE, "",
         "## The first pass", "",
         "Prompt and cls dispatch: the share of problems labelled with the task's own domain, and the first "
         "pass's time as a share of the second (paper, Table 3).", "",

@@ -253,3 +253,11 @@ def test_confusion_matrices_of_the_first_passes(tree):
     assert "prompt: 87.5% (7/8) [30.0, 90.0] labelled with their domain, in 12 s" in text
     assert "| true \\ read | code | math | reasoning | other |" in text
     assert "| math | 0 | 3 | 0 | 1 |" in text and "cls: 100.0% (8/8)" in text
+
+
+def test_cells_made_before_a_fix_of_their_strategy_are_marked():
+    import results
+    old = {"strategy": "fewshot", "correct": 4, "n": 300, "ci95": [0.005, 0.034]}
+    assert results.cell(old).endswith(" †")
+    assert not results.cell({**old, "code_version": 2}).endswith("†")
+    assert not results.cell({**old, "strategy": "base"}).endswith("†")   # the base model's cells did not change
