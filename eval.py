@@ -344,6 +344,7 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
         "first_pass_share": first["seconds"] / second_s,  # paper Table 3: first pass as a share of the second
         "generated_tokens": sum(len(c.tokens) for c in completions), "limit": limit, "seed": seed,
         "command": command, "resumed": resumed, "run": run, "code_version": CODE_VERSION,
+        "sandbox": data.sandbox.isolation() if task.domain == "code" else None,  # where generated code ran
     }
     with open(out / "responses.jsonl", "w") as f:
         for p, c, e, v, ch, lab in zip(problems, completions, extracted, verdicts, choice, labels):

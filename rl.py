@@ -491,6 +491,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
         f"LoRA rank {cfg.lora_rank} on '{cfg.lora_targets}'"
     log(f"{what}: {meta['trainable']:,} trainable numbers ({100 * meta['trainable'] / n_base:.3f}% "
         f"of the base model's {n_base:,})")
+    log(f"sandbox: {data.sandbox.isolation() if task.domain == 'code' else 'not used'}")  # data/sandbox.py
     start_params = {n: v.detach().clone() for n, v in z.items()}
     # no weight decay: it would pull z towards 0 (not 1), and the paper's LoRA baseline names none
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
