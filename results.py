@@ -317,7 +317,8 @@ def plots(results: Path, runs: list[dict], here: Path) -> list[str]:
     for task in sorted({r["config"].get("task") for r in runs if r["log"]}):
         mine = [r for r in runs if r["config"].get("task") == task and r["log"]]
         panels = [("val_accuracy", "validation accuracy")] + [
-            (key, label) for key, label in (("reward", "mean reward"), ("loss", "loss"))
+            (key, label) for key, label in (("reward", "mean reward"), ("informative_share", "informative groups"),
+                                            ("kl", "KL term"), ("loss", "loss"))
             if any(key in s for r in mine for s in r["log"])]
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
         for ax, (key, label) in zip(axes[0], panels):
@@ -355,6 +356,64 @@ def plots(results: Path, runs: list[dict], here: Path) -> list[str]:
     return lines or ["no training logs or CEM histories to plot"]
 
 
+def plot_experts(experts: Path, folder: Path, here: Path) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+    except ImportError:
+        return [NO_MATPLOTLIB]
+    folder.mkdir(parents=True, exist_ok=True)
+    return expert_plots(experts, folder, here) or ["no SVF experts to draw"]
+
+
+def expert_plots(experts: Path, folder: Path, here: Path) -> list[str]:
+    """For each shipped SVF expert: a heatmap of z - 1 (rows: layers; columns: singular-value index, one
+    panel per matrix kind), and the spectrum s before and s * z after for a few matrices when the base
+    model's SVD is in svf's cache (an expert file holds z only). Returns the markdown links."""
+    import matplotlib.pyplot as plt
+    import torch
+    from safetensors import safe_open
+    import svf
+    lines = []
+    for path in sorted(experts.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            z = {n: f.get_tensor(n) for n in f.keys()}
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        if not z or any(n.endswith((".A", ".B")) for n in z):
+            continue
+        kinds = sorted({n.split(".", 2)[2] for n in z})                     # "mlp.down", "mlp.gate", ...
+        layers = sorted({int(n.split(".")[1]) for n in z})
+        dev = {k: torch.stack([z[f"layers.{i}.{k}"] - 1 for i in layers]) for k in kinds}   # (layers, r)
+        lim = max(float(d.abs().max()) for d in dev.values()) or 1e-6
+        fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.8), squeeze=False)
+        for ax, k in zip(axes[0], kinds):
+            im = ax.imshow(dev[k].numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.set(xlabel="singular value index (largest first)", ylabel="layer", title=f"{path.stem}: z - 1, {k}")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        fig.savefig(folder / f"expert-{path.stem}-z.png", dpi=100)
+        plt.close(fig)
+        lines.append(f"![z - 1 of {path.stem}]({rel(folder / f'expert-{path.stem}-z.png', here)})")
+        cache = svf.CACHE_DIR / f"{meta.get('base_model')}-{meta.get('targets', 'mlp')}-float32.safetensors"
+        if not cache.exists():
+            lines.append(f"(spectra of {path.stem}: the base model's SVD is not in {svf.CACHE_DIR}; run anything "
+                         "that decomposes it, e.g. eval.py with an expert)")
+            continue
+        with safe_open(cache, "pt") as f:
+            picks = [f"layers.{i}.{kinds[0]}" for i in (layers[0], layers[len(layers) // 2], layers[-1])]
+            spectra = {n: f.get_tensor(f"{n}.s") for n in picks}
+        fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks), 3.2), squeeze=False)
+        for ax, n in zip(axes[0], picks):
+            ax.semilogy(spectra[n].numpy(), label="base s")
+            ax.semilogy((spectra[n] * z[n]).numpy(), label="s * z", linestyle="--")
+            ax.set(xlabel="index", ylabel="singular value", title=f"{path.stem}: {n}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / f"expert-{path.stem}-spectra.png", dpi=100)
+        plt.close(fig)
+        lines.append(f"![spectra of {path.stem}]({rel(folder / f'expert-{path.stem}-spectra.png', here)})")
+    return lines
+
+
 def main(results: str, out: str, experts: str, adapters: str) -> None:
     results_dir, out_path = Path(results), Path(out)
     here = out_path.resolve().parent
@@ -387,6 +446,8 @@ def main(results: str, out: str, experts: str, adapters: str) -> None:
         *command_lines(results_dir, runs), "",
         "## Plots", "",
         *plots(results_dir, runs, here), "",
+        "## What each expert changed", "",
+        *plot_experts(Path(experts), results_dir / "plots", here), "",
     ]
     out_path.write_text("\n".join(doc))
     print(f"wrote {out_path}")

@@ -261,3 +261,24 @@ def test_cells_made_before_a_fix_of_their_strategy_are_marked():
     assert results.cell(old).endswith(" †")
     assert not results.cell({**old, "code_version": 2}).endswith("†")
     assert not results.cell({**old, "strategy": "base"}).endswith("†")   # the base model's cells did not change
+
+
+def test_each_svf_expert_gets_a_picture_of_what_it_changed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import results
+    import svf
+    import torch
+    z = {f"layers.{i}.mlp.{k}": 1 + 0.01 * torch.randn(8) for i in range(3) for k in ("gate", "up", "down")}
+    svf.Expert(z, {"base_model": "abc", "targets": "mlp"}).save(tmp_path / "experts" / "toy.safetensors")
+    lora_like = {"layers.0.attention.q.A": torch.zeros(2, 4), "layers.0.attention.q.B": torch.zeros(4, 2)}
+    svf.save_tensors(tmp_path / "experts" / "adapter.safetensors", lora_like, {})
+    monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "cache")
+    lines = results.plot_experts(tmp_path / "experts", tmp_path / "plots", tmp_path)
+    assert (tmp_path / "plots" / "expert-toy-z.png").stat().st_size > 1000
+    assert not (tmp_path / "plots" / "expert-adapter-z.png").exists()          # LoRA files are not SVF experts
+    assert any("not in" in line for line in lines)                              # no SVD cache: spectra skipped, said
+    from safetensors.torch import save_file
+    (tmp_path / "cache").mkdir()
+    save_file({f"{n}.s": torch.linspace(2, 0.1, 8) for n in z}, tmp_path / "cache" / "abc-mlp-float32.safetensors")
+    results.plot_experts(tmp_path / "experts", tmp_path / "plots", tmp_path)
+    assert (tmp_path / "plots" / "expert-toy-spectra.png").stat().st_size > 1000
