@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -379,8 +380,8 @@ def expert_plots(experts: Path, folder: Path, here: Path) -> list[str]:
         with safe_open(path, "pt") as f:
             z = {n: f.get_tensor(n) for n in f.keys()}
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        if not z or any(n.endswith((".A", ".B")) for n in z):
-            continue
+        if not z or not all(re.fullmatch(r"layers\.\d+\.\w+\.\w+", n) for n in z):
+            continue  # a LoRA adapter (.A/.B) or not an expert file
         kinds = sorted({n.split(".", 2)[2] for n in z})                     # "mlp.down", "mlp.gate", ...
         layers = sorted({int(n.split(".")[1]) for n in z})
         dev = {k: torch.stack([z[f"layers.{i}.{k}"] - 1 for i in layers]) for k in kinds}   # (layers, r)
