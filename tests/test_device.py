@@ -7,8 +7,6 @@ independent of the code under test: transformers on the same folder, or a plain 
 CPU of the same (device-rounded) weights. bfloat16 is compared within bfloat16's precision; where float32
 is exact (a batch against each prompt alone, greedy labels) it is asserted exactly.
 """
-import copy
-
 import numpy as np
 import pytest
 import torch
