@@ -438,6 +438,188 @@ def _cut_at_stop(text: str, stop_strings) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+# ----------------------------------------------------------------------------- many sequences: continuous batching
+# generate() runs one batch to its end: a row that finishes leaves and the batch shrinks, so a batch
+# of 32 samples whose longest runs 256 tokens ends with a few rows, each step as slow per token as
+# the full batch's. generate_many keeps batch_size rows busy instead: a finished row takes the next
+# waiting sequence at once (continuous batching, as vLLM does). Every row sits at its own position in
+# one preallocated cache (RowCache), the prompt left-aligned at slot 0; a prompt is prefilled once
+# and its keys and values copied into the rows of its samples; and each row's next token is drawn
+# with one uniform number (draw) instead of torch.multinomial's one random number per vocabulary
+# entry (at batch 64 and a 49,152-token vocabulary that was a third of a decode step).
+
+def draw(weights: torch.Tensor, generator=None, block: int = 512) -> torch.Tensor:
+    """Indices (B,) drawn from unnormalised non-negative weights (B, V) by inverting their CDF with one
+    uniform number per row: first a block of `block` entries by the blocks' sums, then an entry within
+    it, each running sum in float64 (one float32 running sum over 49,152 entries would round small
+    probabilities away)."""
+    B, V = weights.shape
+    w = (F.pad(weights, (0, -V % block)) if V % block else weights).view(B, -1, block)  # (B, blocks, block)
+    block_cdf = w.sum(-1).double().cumsum(-1)                                   # (B, blocks)
+    u = torch.rand(B, 1, dtype=torch.float64, generator=generator, device=w.device) * block_cdf[:, -1:]
+    j = first_above(block_cdf, u)
+    u = u - torch.where(j > 0, block_cdf.gather(-1, (j - 1).clamp(min=0)), 0.0)   # what is left inside block j
+    i = first_above(w[torch.arange(B, device=w.device), j[:, 0]].cumsum(-1, dtype=torch.float64), u)
+    return (j * block + i).squeeze(-1)
+
+
+def first_above(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose running sum cdf (B, n) exceeds u (B, 1): never an entry of zero
+    weight. Where rounding leaves u at or past the total, the last entry with weight. (B, 1)"""
+    return torch.minimum(torch.searchsorted(cdf, u, right=True), torch.searchsorted(cdf, cdf[:, -1:].contiguous()))
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens (B,) from logits (B, vocab), and their log-probabilities at temperature 1 (B,).
+    The distribution is sample()'s (greedy at temperature 0, else nucleus), drawn with draw().
+    logits is overwritten: it is a decode step's biggest tensor, and no copy of it is made."""
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, (logits.gather(-1, tokens[:, None]) - torch.logsumexp(logits, -1, keepdim=True)).squeeze(-1)
+    log_z = torch.logsumexp(logits, -1, keepdim=True) if temperature != 1 else None   # (B, 1)
+    top = logits.amax(-1, keepdim=True)
+    w = logits.sub_(top)
+    w = (w if temperature == 1 else w.div_(temperature)).exp_()   # softmax(logits / T), unnormalised, in place
+    if log_z is None:
+        log_z = top + w.sum(-1, keepdim=True).log()
+    if top_p < 1.0:
+        kept, order = w.sort(dim=-1, descending=True)
+        cum = kept.cumsum(-1, dtype=torch.float64)
+        kept.masked_fill_(cum - kept > top_p * cum[:, -1:], 0.0)  # keep the smallest set reaching top_p
+        tokens = order.gather(-1, draw(kept, generator)[:, None]).squeeze(-1)
+    else:
+        tokens = draw(w, generator)
+    logit = top + temperature * w.gather(-1, tokens[:, None]).log()   # the weight is exp((logit - top) / T)
+    return tokens, (logit - log_z).squeeze(-1)
+
+
+@dataclass
+class Rows:
+    """Where the rows of a running batch are, shared by every layer's RowCache."""
+    at: torch.Tensor                   # (B,) slot of each row's current token = tokens already cached
+    end: int = 0                       # slots attended over this step: the largest live `at` + 1
+
+
+class RowCache:
+    """A KVCache whose rows are at positions of their own: the token of row b is written at slot
+    rows.at[b]. What a row may see is the attention mask's business (generate_many builds it)."""
+
+    def __init__(self, cache: KVCache, rows: Rows):
+        self.k, self.v, self.rows = cache.k, cache.v, rows
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, 1, hd) at each row's own slot; return slots 0..end for every row."""
+        B, n_kv, length, hd = self.k.shape
+        # the flat index of (row b, head h, slot at[b]) in the cache seen as (B * n_kv * length, hd)
+        where = ((torch.arange(B * n_kv, device=k.device) * length).view(B, n_kv) + self.rows.at[:, None]).view(-1)
+        self.k.view(-1, hd).index_copy_(0, where, k.reshape(-1, hd))
+        self.v.view(-1, hd).index_copy_(0, where, v.reshape(-1, hd))
+        return self.k[:, :, :self.rows.end], self.v[:, :, :self.rows.end]
+
+    def load(self, slots: torch.Tensor, prefix: KVCache) -> None:
+        """Rows `slots` take a prefilled prompt's keys and values (1, n_kv, length, hd), at slots 0..length."""
+        n = prefix.k.shape[2]
+        self.k[slots, :, :n] = prefix.k
+        self.v[slots, :, :n] = prefix.v
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.k, self.v = self.k[rows], self.v[rows]
+
+
+@torch.inference_mode()
+def generate_many(model: Transformer, tokenizer, prompts: list[list[int]], batch_size: int, desc: str = "generate",
+                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                  stop_strings: tuple[str, ...] = (), generator: torch.Generator | None = None) -> list[Completion]:
+    """generate_all()'s results (one Completion per prompt, in the prompts' order) by continuous
+    batching: at most batch_size rows decode together, and a finished row takes the next waiting
+    prompt. Each prompt stops as generate() alone would stop it (a stop token, a stop string, or
+    max_new_tokens, capped by the context); sampling draws one uniform number per row and token."""
+    from collections import Counter, deque
+    from tqdm import tqdm
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_many needs at least one prompt, and no prompt may be empty")
+    device, ctx = model.tok_embeddings.weight.device, model.args.max_seq_len
+    if max(map(len, prompts)) >= ctx:
+        raise ValueError(f"prompt of {max(map(len, prompts))} tokens does not fit the context length {ctx}")
+    budget = [min(max_new_tokens, ctx - len(p)) for p in prompts]
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))  # a prompt's samples side by side
+    left = Counter(tuple(p) for p in prompts)                # samples of each prompt not yet started
+    prefixes: dict[tuple[int, ...], tuple[list[KVCache], torch.Tensor]] = {}
+    B = min(batch_size, len(prompts))
+    rows = Rows(at=torch.zeros(B, dtype=torch.long, device=device))
+    cache = [RowCache(c, rows) for c in model.new_cache(B, max(len(p) + n for p, n in zip(prompts, budget)))]
+    out = [Completion([], "") for _ in prompts]
+    who: list[int | None] = [None] * B                       # who[b]: the prompt that row b is generating
+    tokens = torch.zeros(B, dtype=torch.long, device=device)  # each row's current token, fed next step
+    bar = tqdm(total=len(prompts), desc=desc, leave=False)
+
+    def prefix(p: tuple[int, ...], n: int) -> tuple[list[KVCache], torch.Tensor]:
+        """The prompt's keys and values and its last logits (1, vocab), prefilled once for all its
+        samples; n of them start now, and the last one to start frees it."""
+        if p not in prefixes:
+            c = model.new_cache(1, len(p))
+            prefixes[p] = c, model(torch.tensor([p], device=device), None, c, 0, last=1)[:, -1]
+        left[p] -= n
+        return prefixes.pop(p) if left[p] == 0 else prefixes[p]
+
+    def record(b: int, token: int, logprob: float) -> None:
+        """Row b's new token; a finished row is emptied for the next prompt."""
+        i = who[b]
+        c = out[i]
+        c.tokens.append(token)
+        c.logprobs.append(logprob)
+        if token in tokenizer.stop_ids or stop_strings and _hit_stop_string(c, tokenizer, stop_strings):
+            c.finish = "stop"
+        if c.finish == "stop" or len(c.tokens) >= budget[i]:
+            who[b] = None
+            bar.update(1)
+
+    def fill() -> None:
+        """Every empty row takes a waiting prompt: its prompt's cache, and its first token."""
+        while waiting and None in who:
+            groups: dict[tuple[int, ...], list[int]] = {}      # distinct prompt -> the rows starting it
+            for b in [b for b, i in enumerate(who) if i is None][:len(waiting)]:
+                who[b] = waiting.popleft()
+                groups.setdefault(tuple(prompts[who[b]]), []).append(b)
+            first = []
+            for p, slots in groups.items():
+                kv, logits = prefix(p, len(slots))
+                for c, pc in zip(cache, kv):
+                    c.load(torch.tensor(slots, device=device), pc)
+                first.append(logits.expand(len(slots), -1))
+            started = [b for slots in groups.values() for b in slots]
+            rows.at[started] = torch.tensor([len(prompts[who[b]]) for b in started], device=device)
+            tokens[started], lps = sample_rows(torch.cat(first), temperature, top_p, generator)
+            for b, t, lp in zip(started, tokens[started].tolist(), lps.tolist()):
+                if budget[who[b]] > 0:
+                    record(b, t, lp)
+                else:  # nothing to generate
+                    who[b] = None
+                    bar.update(1)
+
+    fill()
+    while any(i is not None for i in who):
+        live = [b for b in range(len(who)) if who[b] is not None]
+        if not waiting and len(live) <= 3 * len(who) // 4:  # nothing to refill with: drop the empty rows
+            keep = torch.tensor(live, device=device)
+            for c in cache:
+                c.keep_rows(keep)
+            rows.at, tokens, who = rows.at[keep], tokens[keep], [who[b] for b in live]
+            live = list(range(len(live)))
+        rows.end = int(rows.at[live].max()) + 1
+        mask = (torch.arange(rows.end, device=device) <= rows.at[:, None])[:, None, None, :]  # (B, 1, 1, end)
+        logits = model.head(model.hidden(tokens[:, None], rows.at[:, None], mask, cache))[:, -1]
+        rows.at[live] += 1
+        tokens, lps = sample_rows(logits, temperature, top_p, generator)
+        for b, t, l in zip(live, *(x.tolist() for x in (tokens[live], lps[live]))):
+            record(b, t, l)
+        fill()
+    bar.close()
+    for c in out:
+        c.text = _cut_at_stop(tokenizer.decode([t for t in c.tokens if t not in tokenizer.stop_ids]), stop_strings)
+    return out
+
+
 # ----------------------------------------------------------------------------- command line
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help of every command line: the description's line breaks kept, every default shown but
