@@ -52,7 +52,7 @@ import data
 import fetch
 import rl
 import svf
-from model import HelpFormatter, ModelArgs, Transformer, generate, generate_all, left_pad
+from model import HelpFormatter, ModelArgs, Transformer, generate, generate_all, generate_many, left_pad, stacked
 from replies import common_prefix
 from tokenizer import load_tokenizer
 
@@ -597,6 +597,121 @@ def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
             figures["math"]["second_pass_s"], lower_is_better=True)
     rep.add(sec, "switch to an expert, cached (ms)", hit * 1e3, "ms", "composed anew (ms)", new * 1e3,
             lower_is_better=True)
+
+
+# ----------------------------------------------------------------------------- section 5: rollouts
+# Issue 16 item 2: a rollout engine near the machine's limit. A trainer's rollout (GSM8K train prompts x 16
+# samples at temperature 1, 256 new tokens) at batch 32, 64 and 128: model.generate_many against today's
+# generate_all, transformers' sampling generate at the same batch, and a ceiling measured in the same run. At
+# these batches decoding is bound by arithmetic, not memory, so the ceiling is the model's own matrix products:
+# each distinct shape (q/k/v and gate/up stacked as model.project runs them, o, down, the output head) timed
+# alone at that batch with the faster of two kernels, summed over a decode step; tokens/s at most batch over
+# that. It leaves out attention, norms and sampling, so 100% of it is out of reach.
+@dataclass
+class RolloutSizes:
+    batches: tuple[int, ...] = (32, 64, 128)
+    new_tokens: int = 256          # every sample runs the full count (no stop tokens): the same work for all
+    samples: int = 16              # samples per prompt: a batch holds batch / samples GSM8K train prompts
+    temperature: float = 1.0
+    workload_batch: int = 64       # then a rollout with its stops (end of turn, "\nQuestion:"), where finished
+    workload_prompts: int = 8      # rows are refilled: workload_prompts x samples sequences
+
+
+ROLLOUT_FULL = RolloutSizes()
+ROLLOUT_QUICK = RolloutSizes(batches=(32, 64), new_tokens=32, workload_batch=32, workload_prompts=4)
+
+
+def matmul_ceiling(model, batch: int, reps: int = 3) -> dict:
+    """The seconds one decode step's matrix products take at `batch` rows: each distinct shape timed alone on
+    its own weights (the faster of F.linear(x, W) and W @ x^T), times how often a step runs it. Also the same
+    products once each in the model's order, on every layer's own weights, with those kernels."""
+    def shapes(layer):
+        a, m = layer.attention, layer.mlp
+        return [stacked((a.q, a.k, a.v))[0], a.o.weight, stacked((m.gate, m.up))[0], m.down.weight]
+    first = shapes(model.layers[0]) + [model.output.weight]
+    counts = [len(model.layers)] * 4 + [1]
+    best, kernel = 0.0, []
+    for w, n in zip(first, counts):
+        w, x = w.detach(), torch.randn(batch, w.shape[1])
+        k = max(1, round(4e9 / (2 * batch * w.numel())))   # ~4 GFLOP per timing
+        t = race({"linear": lambda: [F.linear(x, w) for _ in range(k)],
+                  "wx": lambda: [w @ x.t() for _ in range(k)]}, reps)
+        kernel.append(min(t, key=t.get))
+        best += n * min(t.values()) / k
+    order = [(w.detach(), kernel[j]) for layer in model.layers for j, w in enumerate(shapes(layer))]
+    order.append((model.output.weight.detach(), kernel[-1]))
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w, _ in order}
+    run = lambda: [F.linear(xs[w.shape[1]], w) if k == "linear" else w @ xs[w.shape[1]].t() for w, k in order]
+    in_order = race({"t": run}, reps)["t"]
+    flops = 2 * batch * sum(w.numel() for w, _ in order)
+    return {"seconds_per_step": best, "seconds_per_step_in_order": in_order, "gflops": flops / best / 1e9,
+            "gflops_in_order": flops / in_order / 1e9, "tok_s": batch / best, "tok_s_in_order": batch / in_order,
+            "kernels": dict(zip(["qkv", "o", "gate_up", "down", "output"], kernel))}
+
+
+@torch.inference_mode()
+def hf_sample(hf, prompts: list[list[int]], n: int, pad_id: int, temperature: float, seed: int) -> torch.Tensor:
+    """transformers' sampling generate (no top-k, no top-p), left-padded like ours, exactly n new tokens: (B, n)."""
+    torch.manual_seed(seed)
+    tokens, pad = left_pad(prompts, pad_id, "cpu")
+    mask = (torch.arange(tokens.shape[1])[None] >= pad[:, None]).long()
+    out = hf.generate(input_ids=tokens, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                      top_p=1.0, min_new_tokens=n, max_new_tokens=n, pad_token_id=pad_id)
+    return out[:, tokens.shape[1]:]
+
+
+def bench_rollout(rep: Report, R: RolloutSizes, seed: int, figures: dict) -> None:
+    sec = "rollout"
+    figures["sizes"] = asdict(R)
+    path = fetch.check_default_model()
+    stage("rollout: load ours and transformers")
+    model, tok = checkpoint.load(None, "cpu", "float32")
+    hf = load_transformers(path)
+    free, task, N, T = without_stops(tok), data.TASKS["gsm8k"], R.new_tokens, R.temperature
+    problems = data.load("gsm8k", "train")
+    prompts_for = lambda n: [tok.encode_chat(task.messages(problems[i // R.samples])) for i in range(n)]
+    gen = lambda: torch.Generator().manual_seed(seed)
+    contenders = lambda prompts, B, n: {
+        "generate": lambda: generate_all(model, free, prompts, B, desc="generate", max_new_tokens=n,
+                                         temperature=T, generator=gen()),
+        "ours": lambda: generate_many(model, free, prompts, B, desc="ours", max_new_tokens=n, temperature=T,
+                                      generator=gen()),
+        "transformers": lambda: hf_sample(hf, prompts, n, tok.pad_id, T, seed)}
+    race(contenders(prompts_for(4), 4, 4), 1)  # warm-up: first-call costs out of the timings
+    for B in R.batches:
+        stage(f"rollout: batch {B}, {B // R.samples} prompts x {R.samples} samples x {N} tokens: the ceiling")
+        ceiling = matmul_ceiling(model, B)
+        stage(f"rollout: batch {B}: generate_all, generate_many, transformers")
+        t = race(contenders(prompts_for(B), B, N), 1)
+        tps = {k: B * N / v for k, v in t.items()}
+        figures[f"batch{B}"] = {"tok_s": tps, "seconds": t, "ceiling": ceiling, "load": load_average()}
+        name = f"batch {B}: rollout tok/s"
+        rep.add(sec, f"{name} vs today's generate", tps["ours"], "tok/s", "generate_all (today)", tps["generate"],
+                ">= 2x", tps["ours"] >= 2 * tps["generate"])
+        rep.add(sec, f"{name} vs transformers", tps["ours"], "tok/s", "transformers generate, sampling",
+                tps["transformers"], ">= 1.5x", tps["ours"] >= 1.5 * tps["transformers"])
+        rep.add(sec, f"{name} vs ceiling", tps["ours"], "tok/s", f"ceiling ({ceiling['gflops']:.0f} GFLOP/s)",
+                ceiling["tok_s"], ">= 0.5x", tps["ours"] >= 0.5 * ceiling["tok_s"])
+        rep.add(sec, f"batch {B}: ceiling, products in model order", ceiling["tok_s_in_order"], "tok/s",
+                "ceiling, each shape alone", ceiling["tok_s"])
+        rep.add(sec, f"batch {B}: today's generate vs ceiling", tps["generate"], "tok/s", "ceiling", ceiling["tok_s"])
+
+    # A rollout as the trainer runs it: stops on, rows end at different steps, and generate_all's batches shrink
+    # while generate_many refills them.
+    B, prompts = R.workload_batch, prompts_for(R.workload_prompts * R.samples)
+    stage(f"rollout: {len(prompts)} sequences with their stops, batch {B}")
+    out = {}
+    kw = dict(max_new_tokens=N, temperature=T, stop_strings=tuple(task.stop))
+    t = race({"generate": lambda: out.__setitem__("generate", generate_all(model, tok, prompts, B, generator=gen(), **kw)),
+              "ours": lambda: out.__setitem__("ours", generate_many(model, tok, prompts, B, generator=gen(), **kw))}, 1)
+    n = {k: sum(len(c.tokens) for c in v) for k, v in out.items()}
+    tps = {k: n[k] / t[k] for k in t}
+    figures["with_stops"] = {"batch": B, "sequences": len(prompts), "tokens": n, "seconds": t, "tok_s": tps}
+    rep.add(sec, f"with stops, batch {B}: rollout tok/s", tps["ours"], "tok/s", "generate_all (today)",
+            tps["generate"], ">= 2x", tps["ours"] >= 2 * tps["generate"])
+    rep.add(sec, f"with stops: mean new tokens per sequence", n["ours"] / len(prompts), "tok", "generate_all",
+            n["generate"] / len(prompts))
+
 
 
 # ----------------------------------------------------------------------------- section 4: the paper's scale (GPU)
@@ -1169,6 +1284,10 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
         figures["adapt"] = {}
         bench_adapt(rep, S, figures["adapt"])
         rep.print("adapt")
+    if section in ("rollout", "all"):
+        figures["rollout"] = {}
+        bench_rollout(rep, ROLLOUT_QUICK if quick else ROLLOUT_FULL, seed, figures["rollout"])
+        rep.print("rollout")
     if section == "scale":  # not in "all": it needs a CUDA GPU (and writes its JSON as it goes: $OUT by default)
         if not torch.cuda.is_available():
             raise SystemExit("bench.py --section scale needs a CUDA GPU (tests/test_bench_scale.py runs it at a tiny "
@@ -1201,12 +1320,13 @@ if __name__ == "__main__":
         description="Speed and memory of the model and of SVF training, beside peers measured in the same run "
                     "(Hugging Face transformers, the plain base model).",
         formatter_class=HelpFormatter)
-    p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "scale", "all"), default="all",
+    p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "rollout", "scale", "all"), default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
                         "memory: only the peak-memory part of model (3 min); "
                         "svf: decomposition, expert switching, one training step (issue 'trainer'); "
                         "adapt: first pass against second pass per unseen task, switching experts (issue "
-                        "'adaptation'); scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside transformers, "
+                        "'adaptation'); rollout: generate_many against generate_all, transformers and the matrix-"
+                        "product ceiling at batch 32, 64, 128 (issue 16, ~25 min); scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside transformers, "
                         "not part of all (issue 20, ~6 min on an H200)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (also for the memory subprocesses)")
     p.add_argument("--quick", action="store_true",

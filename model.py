@@ -353,10 +353,15 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def generate_all(model: Transformer, tokenizer, prompts: list[list[int]], batch_size: int, desc: str = "generate",
-                 on_batch=None, **kwargs) -> list[Completion]:
+                 on_batch=None, refill: bool = False, **kwargs) -> list[Completion]:
     """generate() over many prompts in batches of similar length (less padding), with a progress bar.
     Results come back in the prompts' order; kwargs go to generate(). on_batch(indices, completions),
-    if given, sees each batch as it finishes (to save work as it is done)."""
+    if given, sees each batch as it finishes (to save work as it is done). refill: run generate_many()
+    instead, where a finished row takes the next waiting prompt (no on_batch there)."""
+    if refill:
+        if on_batch:
+            raise ValueError("on_batch needs batches that finish together: refill has none")
+        return generate_many(model, tokenizer, prompts, batch_size, desc, **kwargs)
     from tqdm import tqdm
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Completion | None] = [None] * len(prompts)

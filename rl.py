@@ -201,7 +201,7 @@ def rollout(model, tokenizer, task, problems, cfg: TrainConfig, z, generator):
     prompts = [tokenizer.encode_chat(task.messages(p)) for p in problems for _ in range(cfg.samples)]
     comps = generate_all(model, tokenizer, prompts, cfg.gen_batch, desc="rollout",
                          max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, stop_strings=tuple(task.stop), generator=generator)
+                         top_p=cfg.top_p, stop_strings=tuple(task.stop), generator=generator, refill=True)
     answer_mode(model, None)
     return prompts, comps
 

@@ -180,3 +180,15 @@ def test_real_model_sampled_rows_equal_a_plain_forward(real):
             logits = model(torch.tensor([p + c.tokens]))[0, len(p) - 1:-1]
         logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.tokens)[:, None]).squeeze(-1)
         assert torch.allclose(logp, torch.tensor(c.logprobs), atol=1e-3)
+
+
+def test_generate_all_refill_runs_generate_many(tiny):
+    """rl.rollout's way in: generate_all(refill=True) gives generate_many's results; on_batch is refused."""
+    from model import generate_all
+    prompts, tok = random_prompts([3, 8, 5, 6]), StubTokenizer({1, 2, 3})
+    kw = dict(max_new_tokens=12, temperature=1.0)
+    a = generate_all(tiny, tok, prompts, 3, refill=True, generator=torch.Generator().manual_seed(0), **kw)
+    b = generate_many(tiny, tok, prompts, 3, generator=torch.Generator().manual_seed(0), **kw)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    with pytest.raises(ValueError):
+        generate_all(tiny, tok, prompts, 3, refill=True, on_batch=print, **kw)
