@@ -1316,6 +1316,7 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
 
 
 if __name__ == "__main__":
+    import cli  # the flags' types
     p = argparse.ArgumentParser(
         description="Speed and memory of the model and of SVF training, beside peers measured in the same run "
                     "(Hugging Face transformers, the plain base model).",
@@ -1328,15 +1329,19 @@ if __name__ == "__main__":
                         "'adaptation'); rollout: generate_many against generate_all, transformers and the matrix-"
                         "product ceiling at batch 32, 64, 128 (issue 16, ~25 min); scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside transformers, "
                         "not part of all (issue 20, ~6 min on an H200)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (also for the memory subprocesses)")
+    p.add_argument("--threads", type=cli.positive_int, default=2,
+                   help="torch CPU threads (also for the memory subprocesses)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes for development (one round per timing, fewer tokens and prompts; see QUICK "
                         "in this file) instead of the full run's (FULL)")
-    p.add_argument("--agree-prompts", type=int, default=None,
+    p.add_argument("--agree-prompts", type=cli.positive_int, default=None,
                    help=f"task prompts for the bfloat16-vs-float32 greedy agreement (None: {FULL.agree_prompts}, "
                         f"or {QUICK.agree_prompts} with --quick)")
-    p.add_argument("--json", dest="json_out", metavar="OUT", default=None,
+    p.add_argument("--json", dest="json_out", metavar="OUT", type=cli.output_file, default=None,
                    help="also write every figure, the config and the machine's load average to this JSON file")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=cli.seed, default=0,
                    help="seeds python, numpy and torch (and the training step's sampling)")
-    main(**vars(p.parse_args()))
+    args = p.parse_args()
+    if args.section == "scale" and not torch.cuda.is_available():
+        p.error("--section scale needs a CUDA GPU (tests/test_bench_scale.py runs it at a tiny shape on the CPU)")
+    main(**vars(args))

@@ -88,26 +88,31 @@ def gguf_args(reader, path: Path) -> ModelArgs:
         field = reader.fields.get(key)
         return default if field is None else field.contents()
 
+    def need(key):  # a field the model cannot be built without: an error naming it
+        if key not in reader.fields:
+            raise ValueError(f"{path.name}: no {key!r} field in the GGUF metadata")
+        return get(key)
+
     arch = get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ValueError(f"{path.name}: unknown architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
-    n_heads = get(f"{arch}.attention.head_count")
+    n_heads = need(f"{arch}.attention.head_count")
     scaling = None
     if get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": get(f"{arch}.rope.scaling.factor")}
     tensor_names = {t.name for t in reader.tensors}
     return ModelArgs(
-        dim=get(f"{arch}.embedding_length"),
-        n_layers=get(f"{arch}.block_count"),
+        dim=need(f"{arch}.embedding_length"),
+        n_layers=need(f"{arch}.block_count"),
         n_heads=n_heads,
         n_kv_heads=get(f"{arch}.attention.head_count_kv", n_heads),
         vocab_size=get(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data),
-        hidden_dim=get(f"{arch}.feed_forward_length"),
+        hidden_dim=need(f"{arch}.feed_forward_length"),
         head_dim=get(f"{arch}.attention.key_length", 0),
-        norm_eps=get(f"{arch}.attention.layer_norm_rms_epsilon"),
+        norm_eps=need(f"{arch}.attention.layer_norm_rms_epsilon"),
         rope_theta=get(f"{arch}.rope.freq_base", 10000.0),
         rope_scaling=scaling,
-        max_seq_len=min(get(f"{arch}.context_length"), MAX_CONTEXT),
+        max_seq_len=min(need(f"{arch}.context_length"), MAX_CONTEXT),
         tie_embeddings="output.weight" not in tensor_names,
         attn_bias="blk.0.attn_q.bias" in tensor_names,
     )
@@ -155,14 +160,22 @@ def hf_args(config: dict, folder: Path) -> ModelArgs:
         raise ValueError(f"{folder.name}/config.json: only SwiGLU (silu, no MLP bias) feed-forwards are supported")
     rope = config.get("rope_parameters") or {}  # newer configs nest rope_theta and scaling here
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    n_heads = config["num_attention_heads"]
+
+    def need(key: str) -> int:  # a size the model cannot be built without: an error naming the field
+        if key not in config:
+            raise ValueError(f"{folder.name}/config.json has no {key!r} field")
+        if type(config[key]) is not int or config[key] < 1:
+            raise ValueError(f"{folder.name}/config.json: {key} must be a positive integer, not {config[key]!r}")
+        return config[key]
+
+    n_heads = need("num_attention_heads")
     return ModelArgs(
-        dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
+        dim=need("hidden_size"),
+        n_layers=need("num_hidden_layers"),
         n_heads=n_heads,
         n_kv_heads=config.get("num_key_value_heads") or n_heads,
-        vocab_size=config["vocab_size"],
-        hidden_dim=config["intermediate_size"],
+        vocab_size=need("vocab_size"),
+        hidden_dim=need("intermediate_size"),
         head_dim=config.get("head_dim") or 0,
         norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=config.get("rope_theta", rope.get("rope_theta", 10000.0)),
@@ -174,21 +187,42 @@ def hf_args(config: dict, folder: Path) -> ModelArgs:
     )
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint's file; a malformed one is an error that names the file."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
 def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
-    args = hf_args(json.loads((folder / "config.json").read_text()), folder)
+    args = hf_args(read_json(folder / "config.json"), folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():  # sharded: the index names the file of every tensor
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no weight_map field (tensor name -> shard file)")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights (pytorch .bin files are not supported)")
     tensors = {}
     for shard in shards:
-        for name, w in load_file(folder / shard).items():
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"{folder / shard}: missing (named by {index.name})")
+        try:
+            weights = load_file(folder / shard)
+        except SafetensorError as e:  # truncated or not a safetensors file
+            raise ValueError(f"{folder / shard}: not a readable safetensors file ({e})") from e
+        for name, w in weights.items():
             if name.endswith("rotary_emb.inv_freq"):  # a cached rotary table some exports include
                 continue
             if name == "lm_head.weight" and args.tie_embeddings:  # a redundant copy of the tied embedding

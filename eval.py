@@ -50,11 +50,13 @@ import torch
 from tqdm import tqdm
 
 import adapt
+import cli
 import data
 import lora
 import rl
 import svf
 from checkpoint import load
+from cli import fail
 from model import Completion, generate_all
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
@@ -91,7 +93,7 @@ def experts_needed(strategy: str) -> list[str]:
         return DOMAIN_EXPERTS
     if strategy == "cls":
         return DOMAIN_EXPERTS + ["cls"]
-    raise SystemExit(f"error: unknown strategy {strategy!r}; choose base, prompt, cls, fewshot or expert:NAME")
+    fail(f"unknown strategy {strategy!r} (--strategy): choose base, prompt, cls, fewshot or expert:NAME")
 
 
 def resolve_experts(names: list[str], experts_dir: Path) -> dict[str, Path]:
@@ -102,8 +104,8 @@ def resolve_experts(names: list[str], experts_dir: Path) -> dict[str, Path]:
                          if n in DOMAIN_EXPERTS + ["cls"] else "") for n, p in paths.items() if not p.exists()]
     if missing:
         there = sorted(p.stem for p in experts_dir.glob("*.safetensors"))
-        raise SystemExit("error: missing expert file(s):\n  " + "\n  ".join(missing) +
-                         f"\nexperts in {experts_dir}: {', '.join(there) or 'none'}")
+        fail(f"missing expert file(s): {'; '.join(missing)}; "
+             f"experts in {experts_dir}: {', '.join(there) or 'none'}")
     return paths
 
 
@@ -111,14 +113,30 @@ def load_experts(model, paths: dict[str, Path]) -> dict[str, dict]:
     """name -> z of each expert file, after wrapping the matrices they adapt (all experts must agree)."""
     if not paths:
         return {}
-    targets = {n: svf.Expert.load(p).meta.get("targets", "mlp") for n, p in paths.items()}
+    targets = expert_targets(paths)
     if len(set(targets.values())) > 1:
-        raise SystemExit(f"error: these experts adapt different matrices and cannot be used together: {targets}")
+        fail(f"these experts adapt different matrices and cannot be used together: {targets}")
     svf.attach(model, svf.decompose(model, next(iter(targets.values()))))
+    loaded = {}
+    for n, p in paths.items():
+        try:
+            loaded[n] = svf.Expert.load(p, model).z
+        except ValueError as e:  # made for another base model, or for other matrices' shapes
+            fail(f"expert {n} does not fit the loaded model: {e}")
+    return loaded
+
+
+def expert_targets(paths: dict[str, Path]) -> dict[str, str]:
+    """name -> the matrices each expert file adapts; a file that is corrupt or not a safetensors file is an
+    error that names it (main reads them so before loading the model)."""
     try:
-        return {n: svf.Expert.load(p, model).z for n, p in paths.items()}
+        metas = {n: svf.Expert.load(p).meta for n, p in paths.items()}
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
+    for n, meta in metas.items():
+        if "lora" in meta:
+            fail(f"{paths[n]} is a LoRA adapter, not an SVF expert: evaluate it with --adapter {paths[n]}")
+    return {n: meta.get("targets", "mlp") for n, meta in metas.items()}
 
 
 def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None], choice: list[str],
@@ -245,8 +263,8 @@ def resume_from(path: Path, run: dict, resume: bool) -> tuple[dict | None, dict[
     saved = records[0].get("run", {}) if records else {}
     if saved != run:
         differ = sorted(k for k in run.keys() | saved.keys() if saved.get(k) != run.get(k))
-        raise SystemExit(f"error: {path} holds an evaluation with other settings ({', '.join(differ)}); "
-                         "run without --resume to start it again")
+        fail(f"{path} holds an evaluation with other settings ({', '.join(differ)}); "
+             "run without --resume to start it again")
     path.write_text("".join(json.dumps(r) + "\n" for r in records))  # without a cut-off last line
     first = next((r["first_pass"] for r in records if "first_pass" in r), None)
     return (first, {r["answer"]["id"]: r["answer"] for r in records if "answer" in r},
@@ -408,7 +426,7 @@ def load_adapter(model, name: str) -> dict:
     try:
         return lora.Adapter.load(path, model).params
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e} (train one: python train.py --task TASK --method lora)")
+        fail(f"{e} (train one: python train.py --task TASK --method lora)")
 
 
 def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size: int, max_new_tokens: int,
@@ -418,28 +436,37 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
     tasks = list(data.SPLITS) if task == "all" else UNSEEN if task == "unseen" else task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
-            raise SystemExit(f"error: unknown task {t!r}; choose from {', '.join(data.SPLITS)}, all or unseen")
+            fail(f"unknown task {t!r} (--task); choose from {', '.join(data.SPLITS)}, all or unseen")
         if split not in data.SPLITS[t]:
-            raise SystemExit(f"error: task {t!r} has no split {split!r} (it has {', '.join(data.SPLITS[t])})")
+            fail(f"task {t!r} has no split {split!r} (--split; it has {', '.join(data.SPLITS[t])})")
     if how == "likelihood" and any(not hasattr(data.TASKS[t], "option_responses") for t in tasks):
-        raise SystemExit("error: --answer likelihood needs multiple-choice tasks (arc_easy, arc_challenge)")
+        fail("--answer likelihood needs multiple-choice tasks (arc_easy, arc_challenge)")
     if strategy == "fewshot" and min(shots, generations, population) < 1:
-        raise SystemExit("error: --shots, --generations and --population must be positive")
+        fail("--shots, --generations and --population must be positive")
     if adapter and strategy != "base":
-        raise SystemExit("error: --adapter evaluates a LoRA adapter on its own; it goes with --strategy base only")
-    if adapter and not adapter.endswith(".safetensors") and not (ADAPTERS_DIR / f"{adapter}.safetensors").exists():
-        raise SystemExit(f"error: no adapter {ADAPTERS_DIR / (adapter + '.safetensors')} (train one: "
-                         "python train.py --task TASK --method lora)")
+        fail("--adapter evaluates a LoRA adapter on its own; it goes with --strategy base only")
+    if adapter:  # a missing or corrupt adapter file: named before the model is loaded
+        path = Path(adapter) if adapter.endswith(".safetensors") else ADAPTERS_DIR / f"{adapter}.safetensors"
+        if not path.is_file():
+            fail(f"no adapter {path} (--adapter; train one: python train.py --task TASK --method lora)")
+        try:
+            meta = lora.Adapter.load(path).meta
+        except ValueError as e:
+            fail(str(e))
+        if "lora" not in meta:
+            fail(f"{path} is not a LoRA adapter (no 'lora' config in its metadata); an SVF expert goes with "
+                 f"--strategy expert:{path}")
     needed = ["cls"] if routing_only else experts_needed(strategy)  # --routing reads the cls expert only
     paths = resolve_experts(needed, Path(experts_dir))  # fail before loading the model
+    expert_targets(paths)  # ... also on a corrupt expert file
     if threads:
         torch.set_num_threads(threads)
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     command = "python " + " ".join(sys.argv)
     try:
         net, tokenizer = load(model, device=device, dtype=dtype)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    except (ValueError, FileNotFoundError) as e:  # a model file that is corrupt or not a Llama's
+        fail(str(e))
     loaded = load_experts(net, paths)
     if routing_only:
         return [routing(net, tokenizer, loaded["cls"], limit, seed, batch_size, Path(out), command)]
@@ -463,12 +490,14 @@ if __name__ == "__main__":
     p.add_argument("--strategy", default="base",
                    help="base, prompt, cls, fewshot or expert:NAME (see above) (default: base)")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--limit", type=int, default=0, help="a seeded random subset of this many problems (default: 0, all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of everything random (default: 0)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="0: each task's own budget (default: 0)")
-    p.add_argument("--workers", type=int, default=4, help="parallel sandboxes for code tasks (default: 4)")
-    p.add_argument("--experts-dir", default=str(EXPERTS_DIR),
+    p.add_argument("--limit", type=cli.non_negative_int, default=0,
+                   help="a seeded random subset of this many problems (default: 0, all)")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the subset and of everything random (default: 0)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="prompts per generation batch (default: 16)")
+    p.add_argument("--max-new-tokens", type=cli.non_negative_int, default=0,
+                   help="0: each task's own budget (default: 0)")
+    p.add_argument("--workers", type=cli.positive_int, default=4, help="parallel sandboxes for code tasks (default: 4)")
+    p.add_argument("--experts-dir", type=cli.existing_folder, default=str(EXPERTS_DIR),
                    help="where expert NAME is NAME.safetensors (gsm8k, mbpp, arc_easy, cls) (default: experts/)")
     p.add_argument("--classify", default="likelihood", choices=["likelihood", "generate"],
                    help="prompt/cls: score the four replies \\boxed{label} by likelihood, or generate one and parse "
@@ -484,16 +513,22 @@ if __name__ == "__main__":
     p.add_argument("--routing", dest="routing_only", action="store_true",
                    help="instead of a task: label the training tasks' validation questions with the prompt and the "
                         "cls first pass, and write their confusion matrices to OUT/routing/ (--limit: a subset)")
-    p.add_argument("--shots", type=int, default=10,
+    p.add_argument("--shots", type=cli.positive_int, default=10,
                    help="fewshot: problems used to fit alpha, then left out (default: 10)")
-    p.add_argument("--generations", type=int, default=10,
+    p.add_argument("--generations", type=cli.positive_int, default=10,
                    help="fewshot: CEM generations; the paper used 50-100, 10 keeps a CPU run short (default: 10)")
-    p.add_argument("--population", type=int, default=32, help="fewshot: CEM samples per generation (default: 32)")
+    p.add_argument("--population", type=cli.positive_int, default=32,
+                   help="fewshot: CEM samples per generation (default: 32)")
     p.add_argument("--per-layer", action="store_true",
                    help="fewshot: one alpha per expert per matrix, as the official code (default: one per expert)")
-    p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: auto, cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: auto, float32 on CPU)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: 0, torch's choice)")
-    p.add_argument("--out", default="runs/eval", help="results go to OUT/STRATEGY/TASK/ (default: runs/eval)")
+    p.add_argument("--model", type=cli.model_path, default=None,
+                   help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--device", type=cli.device, default="auto",
+                   help="cpu, cuda, cuda:N or mps (default: auto, cuda if available)")
+    p.add_argument("--dtype", choices=cli.DTYPES, default="auto",
+                   help="float32, bfloat16 or float16 (default: auto, float32 on CPU)")
+    p.add_argument("--threads", type=cli.non_negative_int, default=0,
+                   help="CPU threads for torch (default: 0, torch's choice)")
+    p.add_argument("--out", type=cli.output_folder, default="runs/eval",
+                   help="results go to OUT/STRATEGY/TASK/ (default: runs/eval)")
     main(**vars(p.parse_args()))

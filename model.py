@@ -637,9 +637,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def main(prompt: str, max_new_tokens: int, chat: bool, model_path: str | None, device: str, dtype: str,
          temperature: float, top_p: float, seed: int) -> None:
     from checkpoint import load  # loading sits in checkpoint.py; imported here to keep the model readable
+    from cli import fail
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    model, tokenizer = load(model_path, device=device, dtype=dtype)
+    try:
+        model, tokenizer = load(model_path, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:  # a model file that is corrupt or not a Llama's: one line
+        fail(str(e))
     print(f"loaded in {time.perf_counter() - t0:.1f}s")
     ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt, bos=tokenizer.add_bos)
     gen = torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed)
@@ -651,16 +655,19 @@ def main(prompt: str, max_new_tokens: int, chat: bool, model_path: str | None, d
 
 
 if __name__ == "__main__":
+    import cli  # the flags' types: the command line's, not the model's
     p = argparse.ArgumentParser(description="Generate text with a pretrained Llama-family model.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--prompt", required=True, help="text to continue (or the user message with --chat)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="number of tokens to generate at most")
+    p.add_argument("--prompt", type=cli.non_empty, required=True,
+                   help="text to continue (or the user message with --chat)")
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=64, help="number of tokens to generate at most")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--model", dest="model_path", default=None,
+    p.add_argument("--model", dest="model_path", type=cli.model_path, default=None,
                    help="a .gguf file or a Hugging Face checkpoint folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--device", type=cli.device, default="auto", help="cpu, cuda, cuda:1, mps (auto: cuda if available)")
+    p.add_argument("--dtype", choices=cli.DTYPES, default="auto",
+                   help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0 means greedy decoding")
+    p.add_argument("--top-p", type=cli.probability, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=cli.seed, default=0, help="seed for sampling")
     main(**vars(p.parse_args()))

@@ -20,6 +20,8 @@ import re
 import struct
 from pathlib import Path
 
+import cli
+
 ROOT = Path(__file__).resolve().parent
 NAMES = {"gsm8k": "GSM8K", "mbpp": "MBPP", "arc_easy": "ARC-Easy",
          "arc_challenge": "ARC-Challenge", "humaneval": "HumanEval", "math": "MATH"}
@@ -373,13 +375,16 @@ def expert_plots(experts: Path, folder: Path, here: Path) -> list[str]:
     model's SVD is in svf's cache (an expert file holds z only). Returns the markdown links."""
     import matplotlib.pyplot as plt
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     import svf
     lines = []
     for path in sorted(experts.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            z = {n: f.get_tensor(n) for n in f.keys()}
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        try:
+            with safe_open(path, "pt") as f:
+                z = {n: f.get_tensor(n) for n in f.keys()}
+                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        except (SafetensorError, OSError, ValueError) as e:  # truncated, corrupt or not a safetensors file
+            cli.fail(f"{path}: not a readable expert file ({e})")
         if not z or not all(re.fullmatch(r"layers\.\d+\.\w+\.\w+", n) for n in z):
             continue  # a LoRA adapter (.A/.B) or not an expert file
         kinds = sorted({n.split(".", 2)[2] for n in z})                     # "mlp.down", "mlp.gate", ...
@@ -450,6 +455,7 @@ def main(results: str, out: str, experts: str, adapters: str) -> None:
         "## What each expert changed", "",
         *plot_experts(Path(experts), results_dir / "plots", here), "",
     ]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("\n".join(doc))
     print(f"wrote {out_path}")
 
@@ -458,8 +464,11 @@ if __name__ == "__main__":
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass  # keeps the examples' line breaks and shows every default
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    p.add_argument("--results", default=str(ROOT / "results"), help="folder that eval.py and train.py wrote into")
-    p.add_argument("--out", default=str(ROOT / "RESULTS.md"), help="the markdown file to write")
-    p.add_argument("--experts", default=str(ROOT / "experts"), help="folder of the shipped SVF experts")
-    p.add_argument("--adapters", default=str(ROOT / "adapters"), help="folder of the shipped LoRA adapters")
+    p.add_argument("--results", type=cli.existing_folder, default=str(ROOT / "results"),
+                   help="folder that eval.py and train.py wrote into")
+    p.add_argument("--out", type=cli.output_file, default=str(ROOT / "RESULTS.md"), help="the markdown file to write")
+    p.add_argument("--experts", type=cli.existing_folder, default=str(ROOT / "experts"),
+                   help="folder of the shipped SVF experts")
+    p.add_argument("--adapters", type=cli.existing_folder, default=str(ROOT / "adapters"),
+                   help="folder of the shipped LoRA adapters")
     main(**vars(p.parse_args()))

