@@ -517,8 +517,9 @@ class RowCache:
         B, n_kv, length, hd = self.k.shape
         # the flat index of (row b, head h, slot at[b]) in the cache seen as (B * n_kv * length, hd)
         where = ((torch.arange(B * n_kv, device=k.device) * length).view(B, n_kv) + self.rows.at[:, None]).view(-1)
-        self.k.view(-1, hd).index_copy_(0, where, k.reshape(-1, hd))
-        self.v.view(-1, hd).index_copy_(0, where, v.reshape(-1, hd))
+        # the cache may be float32 under a bfloat16 model (on the CPU attention computes in float32)
+        self.k.view(-1, hd).index_copy_(0, where, k.reshape(-1, hd).to(self.k.dtype))
+        self.v.view(-1, hd).index_copy_(0, where, v.reshape(-1, hd).to(self.v.dtype))
         return self.k[:, :, :self.rows.end], self.v[:, :, :self.rows.end]
 
     def load(self, slots: torch.Tensor, prefix: KVCache) -> None:
