@@ -222,7 +222,7 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[li
 
 def sample_groups(model, tokenizer, task, problems, cfg: TrainConfig, z, generator, more=None):
     """Roll out and score cfg.samples responses per problem: (problems, prompts, completions, rewards
-    (problems, samples), problems drawn, informative groups found). Dynamic sampling (DAPO; cfg.dynamic_draws > 0 and more() gives the
+    (problems, samples), problems drawn, informative groups found, the rewards of every drawn sample). Dynamic sampling (DAPO; cfg.dynamic_draws > 0 and more() gives the
     next problems): draw more until cfg.batch_size groups have rewards that differ or dynamic_draws
     problems are drawn, and keep the informative groups only (a group whose rewards agree has no
     advantage under a baseline). Rare rewards need it: at 3% pass@1, 4 samples rarely disagree."""
@@ -234,6 +234,7 @@ def sample_groups(model, tokenizer, task, problems, cfg: TrainConfig, z, generat
         rewards = (torch.tensor(correct, dtype=torch.float32) * 2 - 1).view(len(problems), cfg.samples)  # +1 / -1
         S = cfg.samples
         rows += [(p, prompts[i * S:(i + 1) * S], comps[i * S:(i + 1) * S], rewards[i]) for i, p in enumerate(problems)]
+        all_rewards = torch.cat([all_rewards, rewards.flatten()]) if drawn else rewards.flatten()
         drawn += len(problems)
         if not (cfg.dynamic_draws and more is not None):
             break
@@ -248,14 +249,14 @@ def sample_groups(model, tokenizer, task, problems, cfg: TrainConfig, z, generat
     rewards = torch.stack([r[3] for r in rows]) if rows else torch.zeros(0, cfg.samples)
     if not cfg.dynamic_draws or more is None:
         found = int((rewards.std(1) > 0).sum())
-    return problems, prompts, comps, rewards, drawn, found
+    return problems, prompts, comps, rewards, drawn, found, all_rewards
 
 
 def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator, more=None) -> dict:
     """One step: rollout (with dynamic sampling when more() is given), advantages, loss, AdamW."""
     t0 = time.perf_counter()
-    problems, prompts, comps, rewards, drawn, found = sample_groups(model, tokenizer, task, problems, cfg, z,
-                                                                    generator, more)
+    problems, prompts, comps, rewards, drawn, found, drawn_rewards = sample_groups(
+        model, tokenizer, task, problems, cfg, z, generator, more)
     t1 = time.perf_counter()
     adv = advantages(rewards, cfg.baseline)                                             # (problems, samples)
     t2 = time.perf_counter()
@@ -263,7 +264,7 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     parts = {"pg": 0.0, "kl": 0.0}
     # No term with a gradient (no advantage, and the KL off or at the base model): no update at all,
     # rather than AdamW scaling rounding noise up to a step of about lr (skip_update).
-    skipped = skip_update(adv, cfg.kl_coef, z)
+    skipped = skip_update(adv, cfg.kl_coef, z) or not len(problems)  # dynamic sampling may find no group
     kl_live = bool(cfg.kl_coef) and not at_base(z)
     # a response with zero advantage and no KL gradient contributes nothing: leave it out
     keep = [[s for s in range(cfg.samples) if not skipped and (adv[i, s] != 0 or kl_live)]
@@ -287,8 +288,9 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
         opt.step()
     n_tokens = sum(len(c.tokens) for c in comps)
     agree = (rewards.std(1) == 0).float() if len(rewards) else torch.ones(1)
-    return {"reward": rewards.mean().item() if len(rewards) else float("nan"),
-            "accuracy": (rewards > 0).float().mean().item() if len(rewards) else float("nan"), **parts,
+    return {"reward": rewards.mean().item() if len(rewards) else float("nan"),       # of the groups trained on
+            "accuracy": (rewards > 0).float().mean().item() if len(rewards) else float("nan"),
+            "drawn_accuracy": (drawn_rewards > 0).float().mean().item(), **parts,       # of every sample drawn
             "grad_norm": grad_norm, "skipped": skipped, "z_dev": distance_from_base(z),
             "agree_share": agree.mean().item(),                                 # groups whose samples all agree
             "drawn": drawn, "groups": len(problems),
