@@ -326,7 +326,7 @@ def plots(results: Path, runs: list[dict], here: Path) -> list[str]:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
         for ax, (key, label) in zip(axes[0], panels):
             for i, r in enumerate(mine):  # one colour per run in every panel
-                points = [(s["step"], s[key]) for s in r["log"] if key in s]
+                points = [(s["step"], s[key]) for s in r["log"] if s.get(key) is not None and s[key] == s[key]]
                 if points:
                     how = f"{r['config'].get('method', 'svf')}/{r['config'].get('objective', 'reinforce')}"
                     ax.plot(*zip(*points), color=f"C{i}", marker="o", markersize=3 if key == "val_accuracy" else 1.5,

@@ -288,8 +288,8 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
         opt.step()
     n_tokens = sum(len(c.tokens) for c in comps)
     agree = (rewards.std(1) == 0).float() if len(rewards) else torch.ones(1)
-    return {"reward": rewards.mean().item() if len(rewards) else float("nan"),       # of the groups trained on
-            "accuracy": (rewards > 0).float().mean().item() if len(rewards) else float("nan"),
+    return {"reward": rewards.mean().item() if len(rewards) else None,       # of the groups trained on (None: none)
+            "accuracy": (rewards > 0).float().mean().item() if len(rewards) else None,
             "drawn_accuracy": (drawn_rewards > 0).float().mean().item(), **parts,       # of every sample drawn
             "grad_norm": grad_norm, "skipped": skipped, "z_dev": distance_from_base(z),
             "agree_share": agree.mean().item(),                                 # groups whose samples all agree
@@ -571,7 +571,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
                          {**meta, "step": step + 1, "val_accuracy": best}).save(out / "best.safetensors")
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            shown = {k: f"{stats[k]:+.2f}" for k in ("reward", "loss") if k in stats}
+            shown = {k: f"{stats[k]:+.2f}" for k in ("reward", "loss") if stats.get(k) is not None}
             bar.set_postfix(**shown, val=f"{record.get('val_accuracy', best):.2f}")
             checkpoint(step + 1)
             if stop["asked"]:

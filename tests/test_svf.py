@@ -632,6 +632,8 @@ def test_dynamic_sampling_trains_on_informative_groups_only(tmp_path, monkeypatc
         assert r["informative_share"] * r["drawn"] >= r["groups"]
         if r["groups"]:
             assert r["agree_share"] == 0.0           # no group whose rewards all agree is trained on
+        else:                                          # nothing informative under the cap: no update, said
+            assert r["skipped"] and r["reward"] is None and 0 <= r["drawn_accuracy"] <= 1
     for adv in seen:                                   # each kept group has a non-zero advantage
         assert adv.view(-1, 4).abs().sum(1).min() > 0
 
