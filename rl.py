@@ -222,41 +222,32 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[li
 
 def sample_groups(model, tokenizer, task, problems, cfg: TrainConfig, z, generator, more=None):
     """Roll out and score cfg.samples responses per problem: (problems, prompts, completions, rewards
-    (problems, samples), problems drawn, informative groups found, the rewards of every drawn sample). Dynamic sampling (DAPO; cfg.dynamic_draws > 0 and more() gives the
-    next problems): draw more until cfg.batch_size groups have rewards that differ or dynamic_draws
+    (problems, samples)) of the groups to train on, and the rewards of every problem drawn
+    (drawn, samples). Dynamic sampling (DAPO; cfg.dynamic_draws > 0 and more() gives the next
+    problems): draw more until cfg.batch_size groups have rewards that differ or dynamic_draws
     problems are drawn, and keep the informative groups only (a group whose rewards agree has no
     advantage under a baseline). Rare rewards need it: at 3% pass@1, 4 samples rarely disagree."""
-    rows, drawn, found = [], 0, 0
+    dynamic, S, rows = bool(cfg.dynamic_draws and more is not None), cfg.samples, []
     while True:
         prompts, comps = rollout(model, tokenizer, task, problems, cfg, z, generator)
-        repeated = [p for p in problems for _ in range(cfg.samples)]
+        repeated = [p for p in problems for _ in range(S)]
         correct = task.score_many(repeated, [c.text for c in comps])
-        rewards = (torch.tensor(correct, dtype=torch.float32) * 2 - 1).view(len(problems), cfg.samples)  # +1 / -1
-        S = cfg.samples
+        rewards = (torch.tensor(correct, dtype=torch.float32) * 2 - 1).view(len(problems), S)   # +1 / -1
         rows += [(p, prompts[i * S:(i + 1) * S], comps[i * S:(i + 1) * S], rewards[i]) for i, p in enumerate(problems)]
-        all_rewards = torch.cat([all_rewards, rewards.flatten()]) if drawn else rewards.flatten()
-        drawn += len(problems)
-        if not (cfg.dynamic_draws and more is not None):
-            break
         informative = [r for r in rows if r[3].std() > 0]
-        if len(informative) >= cfg.batch_size or drawn >= cfg.dynamic_draws:
-            rows, found = informative[:cfg.batch_size], len(informative)
+        if not dynamic or len(informative) >= cfg.batch_size or len(rows) >= cfg.dynamic_draws:
             break
-        problems = more()[:cfg.dynamic_draws - drawn]
-    problems = [r[0] for r in rows]
-    prompts = [q for r in rows for q in r[1]]
-    comps = [c for r in rows for c in r[2]]
-    rewards = torch.stack([r[3] for r in rows]) if rows else torch.zeros(0, cfg.samples)
-    if not cfg.dynamic_draws or more is None:
-        found = int((rewards.std(1) > 0).sum())
-    return problems, prompts, comps, rewards, drawn, found, all_rewards
+        problems = more()[:cfg.dynamic_draws - len(rows)]
+    drawn = torch.stack([r[3] for r in rows])
+    rows = informative[:cfg.batch_size] if dynamic else rows
+    rewards = torch.stack([r[3] for r in rows]) if rows else torch.zeros(0, S)
+    return ([r[0] for r in rows], [q for r in rows for q in r[1]], [c for r in rows for c in r[2]], rewards, drawn)
 
 
 def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator, more=None) -> dict:
     """One step: rollout (with dynamic sampling when more() is given), advantages, loss, AdamW."""
     t0 = time.perf_counter()
-    problems, prompts, comps, rewards, drawn, found, drawn_rewards = sample_groups(
-        model, tokenizer, task, problems, cfg, z, generator, more)
+    problems, prompts, comps, rewards, drawn = sample_groups(model, tokenizer, task, problems, cfg, z, generator, more)
     t1 = time.perf_counter()
     adv = advantages(rewards, cfg.baseline)                                             # (problems, samples)
     t2 = time.perf_counter()
@@ -290,11 +281,11 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     agree = (rewards.std(1) == 0).float() if len(rewards) else torch.ones(1)
     return {"reward": rewards.mean().item() if len(rewards) else None,       # of the groups trained on (None: none)
             "accuracy": (rewards > 0).float().mean().item() if len(rewards) else None,
-            "drawn_accuracy": (drawn_rewards > 0).float().mean().item(), **parts,       # of every sample drawn
+            "drawn_accuracy": (drawn > 0).float().mean().item(), **parts,       # of every sample drawn
             "grad_norm": grad_norm, "skipped": skipped, "z_dev": distance_from_base(z),
             "agree_share": agree.mean().item(),                                 # groups whose samples all agree
-            "drawn": drawn, "groups": len(problems),
-            "informative_share": found / drawn,               # problems drawn whose rewards differ
+            "drawn": len(drawn), "groups": len(problems),
+            "informative_share": int((drawn.std(1) > 0).sum()) / len(drawn),  # problems drawn whose rewards differ
             "tokens": n_tokens, "rollout_tok_s": n_tokens / (t1 - t0), "t_rollout": t1 - t0,
             "t_score": t2 - t1, "t_backward": t3 - t2, "t_step": time.perf_counter() - t0}
 
