@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 import data
-import rl
+import replies
 import svf
 from model import Transformer, generate
 from replies import reply_logprobs
@@ -328,7 +328,7 @@ def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: lis
 
     def by_likelihood() -> Score:
         right, logp = 0, 0.0
-        for p, lp in zip(shots, rl.option_logits(model, tokenizer, task, shots, 1.0)):
+        for p, lp in zip(shots, replies.option_logits(model, tokenizer, task, shots, 1.0)):
             correct = [task.score(p, r) for r in task.option_responses(p)]
             right += correct[int(lp.argmax())]
             logp += torch.log_softmax(lp.float(), -1)[correct.index(True)].item()

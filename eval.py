@@ -53,7 +53,7 @@ import adapt
 import cli
 import data
 import lora
-import rl
+import replies
 import svf
 from checkpoint import load
 from cli import fail
@@ -176,7 +176,7 @@ def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int
     for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         group = problems[i:i + batch_size]
         chosen = [Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood")
-                  for p, lp in zip(group, rl.option_logits(model, tokenizer, task, group, 1.0))]
+                  for p, lp in zip(group, replies.option_logits(model, tokenizer, task, group, 1.0))]
         outs += chosen
         if on_batch:
             on_batch(list(range(i, i + len(group))), chosen)

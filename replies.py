@@ -85,3 +85,16 @@ def reply_logprobs(model: Transformer, prompts: list[list[int]], replies: list[l
     n = sum(len(rs) for rs in replies)
     sums = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, reply, logp)
     return list(sums.split([len(rs) for rs in replies]))
+
+
+def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[int]]]:
+    """The prompt's tokens and the tokens of each option's response."""
+    return (tokenizer.encode_chat(task.option_messages(problem)),
+            [tokenizer.encode(r) for r in task.option_responses(problem)])
+
+
+def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:
+    """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z.
+    One packed forward pass: each prompt is computed once, not once per option (replies.reply_logprobs)."""
+    prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
+    return [lp / temperature for lp in reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)]

@@ -37,7 +37,7 @@ import data
 import lora
 import svf
 from model import Transformer, generate_all
-from replies import reply_logits, reply_logprobs
+from replies import option_logits, reply_logits, reply_logprobs
 
 
 @dataclass
@@ -296,19 +296,6 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
 # response for option a. Free generation lets a small model collapse onto a format it can't
 # leave (PAPER.md section 6); here every sample is a well-formed answer, the gradient of
 # log pi_z(a|x) is exact, and so is the KL between the two option distributions.
-
-def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[int]]]:
-    """The prompt's tokens and the tokens of each option's response."""
-    return (tokenizer.encode_chat(task.option_messages(problem)),
-            [tokenizer.encode(r) for r in task.option_responses(problem)])
-
-
-def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:
-    """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z.
-    One packed forward pass: each prompt is computed once, not once per option (replies.reply_logprobs)."""
-    prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
-    return [lp / temperature for lp in reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)]
-
 
 def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator, more=None) -> dict:
     """One step of the multiple-choice variant: cfg.samples actions per problem sampled from pi_z,

@@ -7,6 +7,7 @@ import adapt
 import data
 import eval as evaluation
 import lora
+import replies
 import rl
 import svf
 from model import ModelArgs, Transformer, generate
@@ -395,7 +396,7 @@ def test_the_first_pass_reads_the_question_asked_not_the_task_template(monkeypat
 def test_the_cls_expert_trains_on_the_scores_the_first_pass_reads():
     model, tok = tiny_model(), CharTokenizer()
     problems = [{"question": q, "answer": "math"} for q in ("what is 2 + 2?", "write a function")]
-    trained = torch.stack(rl.option_logits(model, tok, adapt.CLS_TASK, problems, 1.0))
+    trained = torch.stack(replies.option_logits(model, tok, adapt.CLS_TASK, problems, 1.0))
     read = adapt.label_logprobs(model, tok, [p["question"] for p in problems])
     torch.testing.assert_close(trained, read.to(trained.dtype))
 

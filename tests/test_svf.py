@@ -6,6 +6,7 @@ import torch
 
 import data
 import lora
+import replies
 import rl
 import svf
 from model import ModelArgs, Transformer
@@ -449,7 +450,7 @@ def test_option_rollout_learns_the_rewarded_option(tmp_path, monkeypatch):
     cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.0, baseline="loo", micro_batch=6)
     problems = toy_problems(4, 0)
     before = rl.option_accuracy(model, tok, task, problems, None)
-    p_right = lambda: torch.softmax(torch.stack(rl.option_logits(model, tok, task, problems, 1.0)), -1)[:, 2].mean().item()
+    p_right = lambda: torch.softmax(torch.stack(replies.option_logits(model, tok, task, problems, 1.0)), -1)[:, 2].mean().item()
     svf.train_z(model, None)
     with torch.no_grad():
         start = p_right()
