@@ -9,11 +9,12 @@ only (results.py and fetch.py run without torch; device() imports it when it is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype's choices (auto: float32 on CPU, bfloat16 on CUDA)
 
@@ -34,6 +35,41 @@ def fail(message: str) -> NoReturn:
     message = " ".join(message.split())  # one line, whatever the message held
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise BadInput(message)
+
+
+# ----------------------------------------------------------------------------- parsers
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every command line: the description's line breaks kept, every default shown but
+    None (there the flag's help says what it means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The one ArgumentParser every script starts from."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def option(default: Any, help: str, type: Callable | None = None, choices: tuple | None = None) -> Any:
+    """A config dataclass field that is also a command-line flag: its default is written once, here,
+    and add_options() turns it into --the-field-name with this help, type and choices."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=type, choices=choices))
+
+
+def add_options(p: argparse.ArgumentParser, config: type, **defaults: Any) -> None:
+    """One flag per field of the dataclass `config` that was declared with option(): a bool is a
+    switch (--name), anything else takes a value. defaults overrides a field's default on the command
+    line only (None: the command fills it in later, and the field's help says how)."""
+    for f in dataclasses.fields(config):
+        if "help" not in f.metadata:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, default=default, type=f.metadata["type"], choices=f.metadata["choices"],
+                           help=f.metadata["help"])
 
 
 # ----------------------------------------------------------------------------- argparse types

@@ -36,3 +36,26 @@ def test_every_flag_has_help(script, monkeypatch):
     text = parser.format_help()
     assert "(default: None)" not in text, f"{script}: --help shows '(default: None)'"
     assert parser.description and parser.description.strip(), f"{script}: no description"
+
+
+def test_add_options_makes_one_flag_per_option_field():
+    import dataclasses
+    import cli
+
+    @dataclasses.dataclass
+    class Config:
+        count: int = cli.option(3, "how many", cli.positive_int)
+        loud: bool = cli.option(False, "a switch")
+        kind: str = cli.option("a", "which one", choices=("a", "b"))
+        internal: int = 1  # not an option(): no flag
+
+    p = cli.parser("test")
+    cli.add_options(p, Config, kind=None)
+    assert vars(p.parse_args([])) == {"count": 3, "loud": False, "kind": None}
+    assert vars(p.parse_args(["--count", "5", "--loud", "--kind", "b"])) == {"count": 5, "loud": True, "kind": "b"}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--count", "0"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--internal", "2"])
+    text = p.format_help()
+    assert "how many (default: 3)" in text and "which one (default" not in text
