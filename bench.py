@@ -28,7 +28,6 @@ the high-water mark (VmHWM) of a fresh interpreter per measurement.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -48,11 +47,14 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import data
-import fetch
+import fast
 import rl
 import svf
-from model import HelpFormatter, ModelArgs, Transformer, generate, generate_all, generate_many, left_pad, stacked
+from engine import generate_all, generate_many
+from fast import stacked
+from model import ModelArgs, Transformer, generate, left_pad
 from replies import common_prefix
 from tokenizer import load_tokenizer
 
@@ -176,7 +178,7 @@ def weight_bytes_per_token(model) -> int:
 
 
 def matvec_bandwidth(w: torch.Tensor, reps: int = 10, rounds: int = 5) -> float:
-    """Bytes per second that W @ x (one vector, the kernel model.Linear uses) reaches on w."""
+    """Bytes per second that W @ x (one vector, the kernel fast.linear uses) reaches on w."""
     x = torch.randn(1, w.shape[1], dtype=w.dtype)
     for _ in range(3):
         w @ x.t()
@@ -241,7 +243,7 @@ def peak_child(kind: str, batch: int, new_tokens: int, threads: int, svd_cache: 
 
     out = {"imports": high_water()}
     if kind != "imports":
-        path = fetch.check_default_model()
+        path = checkpoint.check_default_model()
         tok = load_tokenizer(path)
         prompts = task_prompts(tok, batch)
         if kind == "transformers":
@@ -280,7 +282,7 @@ def peak_memory(kinds: list[str], batch: int, new_tokens: int, threads: int, svd
 # ----------------------------------------------------------------------------- section 1: the model
 def bench_model(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
     sec = "model"
-    path = fetch.check_default_model()
+    path = checkpoint.check_default_model()
     path.read_bytes()  # warm the page cache: both loaders then read from memory
     tok = load_tokenizer(path)
     stage("loading: ours and transformers")
@@ -359,7 +361,7 @@ def bench_model(rep: Report, S: Sizes, threads: int, figures: dict) -> None:
     rep.add(sec, name + ", bfloat16", pps["ours bf16"], "tok/s", "ours float32", pps["ours"])
 
     stage("kernels and overhead")
-    # The kernel model.Linear picks for few rows, on the shapes of the head and of an MLP matrix
+    # The kernel fast.linear picks for few rows, on the shapes of the head and of an MLP matrix
     # (3.5 MB: it stays in the L3 cache when timed alone, so its row shows compute, not memory, speed).
     for label, w, rows in (("head 49152x576, 1 row", m32.output.weight, 1),
                            ("head 49152x576, 16 rows", m32.output.weight, 16),
@@ -601,10 +603,10 @@ def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
 
 # ----------------------------------------------------------------------------- section 5: rollouts
 # Issue 16 item 2: a rollout engine near the machine's limit. A trainer's rollout (GSM8K train prompts x 16
-# samples at temperature 1, 256 new tokens) at batch 32, 64 and 128: model.generate_many against today's
+# samples at temperature 1, 256 new tokens) at batch 32, 64 and 128: engine.generate_many against today's
 # generate_all, transformers' sampling generate at the same batch, and a ceiling measured in the same run. At
 # these batches decoding is bound by arithmetic, not memory, so the ceiling is the model's own matrix products:
-# each distinct shape (q/k/v and gate/up stacked as model.project runs them, o, down, the output head) timed
+# each distinct shape (q/k/v and gate/up stacked as fast.project runs them, o, down, the output head) timed
 # alone at that batch with the faster of two kernels, summed over a decode step; tokens/s at most batch over
 # that. It leaves out attention, norms and sampling, so 100% of it is out of reach.
 @dataclass
@@ -663,7 +665,7 @@ def hf_sample(hf, prompts: list[list[int]], n: int, pad_id: int, temperature: fl
 def bench_rollout(rep: Report, R: RolloutSizes, seed: int, figures: dict) -> None:
     sec = "rollout"
     figures["sizes"] = asdict(R)
-    path = fetch.check_default_model()
+    path = checkpoint.check_default_model()
     stage("rollout: load ours and transformers")
     model, tok = checkpoint.load(None, "cpu", "float32")
     hf = load_transformers(path)
@@ -857,7 +859,7 @@ def ours_on(hf, args: ModelArgs) -> Transformer:
 
 def share_weights(hf, model: Transformer) -> None:
     """Point transformers' parameters at ours. Our first forward pass copied q/k/v and gate/up into stacked
-    buffers (model.stacked); without this both copies would stay (9 GB at 8B)."""
+    buffers (fast.stacked); without this both copies would stay (9 GB at 8B)."""
     ours = dict(model.named_parameters())
     for n, p in hf.named_parameters():
         p.data = ours[checkpoint.rename(n, checkpoint.HF_NAMES, "transformers")].data
@@ -1245,6 +1247,7 @@ def bench_scale(rep: Report, figures: dict, args: ModelArgs = LLAMA3_8B, S: Scal
 def main(section: str, threads: int, quick: bool, agree_prompts: int | None, json_out: str | None, seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     torch.set_num_threads(threads)
+    fast.enable()  # the speed path the command lines run
     try:  # transformers chats about generation flags; the figures are what matter here
         import transformers
         transformers.logging.set_verbosity_error()
@@ -1316,11 +1319,8 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
 
 
 if __name__ == "__main__":
-    import cli  # the flags' types
-    p = argparse.ArgumentParser(
-        description="Speed and memory of the model and of SVF training, beside peers measured in the same run "
-                    "(Hugging Face transformers, the plain base model).",
-        formatter_class=HelpFormatter)
+    p = cli.parser("Speed and memory of the model and of SVF training, beside peers measured in the "
+                   "same run (Hugging Face transformers, the plain base model).")
     p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "rollout", "scale", "all"), default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
                         "memory: only the peak-memory part of model (3 min); "

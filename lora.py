@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import linear
+import model as llama  # llama.linear: the model's one matrix product (fast.py may swap it)
 from svf import read_tensors, save_tensors
 
 TARGETS = {  # which matrices of each block LoRA adapts; never embeddings, output head or norms
@@ -72,8 +72,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged is not None:
-            return linear(x, self.merged, self.base.bias)
-        y = linear(x, self.base.weight, self.base.bias)
+            return llama.linear(x, self.merged, self.base.bias)
+        y = llama.linear(x, self.base.weight, self.base.bias)
         if self.A is None:
             return y
         # the small path in the adapter's float32 (or float64) even under a bfloat16 base, as in PEFT
@@ -82,7 +82,7 @@ class LoRALinear(nn.Module):
             # an explicit generator, not nn.Dropout: a resumed run restores its state and draws the same masks
             keep = torch.rand(h.shape, generator=self.generator, device=h.device) >= self.p
             h = h * keep / (1 - self.p)
-        delta = linear(linear(h, self.A.to(h.dtype)), self.B.to(h.dtype))  # (..., rank) then (..., out)
+        delta = llama.linear(llama.linear(h, self.A.to(h.dtype)), self.B.to(h.dtype))  # (..., rank) then (..., out)
         return y + (self.scale * delta).to(y.dtype)
 
 

@@ -13,7 +13,6 @@ The analysis and history are written by hand after the HAND_WRITTEN line, which 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -476,9 +475,7 @@ def main(results: str, out: str, experts: str, adapters: str) -> None:
 
 
 if __name__ == "__main__":
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass  # keeps the examples' line breaks and shows every default
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = cli.parser(__doc__)
     p.add_argument("--results", type=cli.existing_folder, default=str(ROOT / "results"),
                    help="folder that eval.py and train.py wrote into")
     p.add_argument("--out", type=cli.output_file, default=str(ROOT / "RESULTS.md"), help="the markdown file to write")

@@ -36,7 +36,8 @@ import torch
 import data
 import lora
 import svf
-from model import Transformer, generate_all
+from engine import generate_all
+from model import Transformer
 from replies import option_logits, reply_logits, reply_logprobs
 
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from model import linear
+import model as llama  # llama.linear: the model's one matrix product (fast.py may swap it)
 
 TARGETS = {  # which matrices of each block SVF adapts; never embeddings, output head or norms
     "mlp": ("mlp.gate", "mlp.up", "mlp.down"),
@@ -140,10 +140,10 @@ class SVFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged is None and self.z is None:
-            return linear(x, self.base.weight, self.base.bias)
+            return llama.linear(x, self.base.weight, self.base.bias)
         w = self.merged if self.merged is not None else compose(self.base.weight, self.svd, self.z)
         b = None if self.base.bias is None else self.base.bias.to(w.dtype)
-        return linear(x.to(w.dtype), w, b).to(x.dtype)
+        return llama.linear(x.to(w.dtype), w, b).to(x.dtype)
 
 
 def attach(model: nn.Module, svd: dict[str, SVD]) -> None:

@@ -13,7 +13,6 @@ last.safetensors, state.pt (to resume), log.jsonl (one line per step), config.js
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -24,12 +23,12 @@ import numpy as np
 import torch
 
 import cli
+import fast
 import data
 import rl
 import svf
 from checkpoint import load
 from cli import fail
-from model import HelpFormatter
 
 TRAIN_TASKS = ("gsm8k", "mbpp", "arc_easy", "cls")  # cls: the classification expert of adapt.py
 
@@ -76,6 +75,7 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     if min(cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.micro_tokens, cfg.gen_batch) < 1:
         fail("--steps, --batch-size, --samples, --micro-batch, --micro-tokens and --gen-batch "
              "must be positive")
+    fast.enable()  # the CPU speed path (fast.py)
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
@@ -124,7 +124,7 @@ def per_task(key: str) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.parser(__doc__)
     defaults = {f.name: f.default for f in fields(rl.TrainConfig)}
     p.add_argument("--task", default="gsm8k", choices=TRAIN_TASKS, help="task to train the expert on")
     p.add_argument("--model", type=cli.model_path, default=None,

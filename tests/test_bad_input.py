@@ -120,7 +120,7 @@ FLAGS = {
         (["--dtype", "int8"], "--dtype"),
         (["--threads", "two"], "--threads"),
     ],
-    "model.py": [
+    "generate.py": [
         ([], "--prompt"),
         (["--prompt", " "], "--prompt"),
         (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
@@ -252,7 +252,7 @@ TINY_CONFIG = {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
                "vocab_size": 32, "intermediate_size": 32}
 
 
-@pytest.mark.parametrize("script", ["eval.py", "train.py", "model.py"])
+@pytest.mark.parametrize("script", ["eval.py", "train.py", "generate.py"])
 @pytest.mark.parametrize("case, names", [
     ("no num_attention_heads", "no 'num_attention_heads' field"),
     ("hidden_size a string", "hidden_size must be a positive integer"),
@@ -274,7 +274,7 @@ def test_bad_hugging_face_folder(script, case, names, tmp_path, monkeypatch, cap
         (folder / "model.safetensors.index.json").write_text("{}")
     if case == "corrupt shard":
         (folder / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"not json")
-    args = ["--model", str(folder)] + (["--prompt", "hi"] if script == "model.py" else
+    args = ["--model", str(folder)] + (["--prompt", "hi"] if script == "generate.py" else
                                        ["--out", str(tmp_path / "out")] if script == "train.py" else [])
     code, err = run(script, args, monkeypatch, capsys, load_allowed=True)
     check_one_line(code, err, names)
@@ -290,10 +290,10 @@ def tiny_gguf(path: Path, fields: bool = True) -> Path:
     return path
 
 
-@pytest.mark.parametrize("script", ["eval.py", "train.py", "model.py"])
+@pytest.mark.parametrize("script", ["eval.py", "train.py", "generate.py"])
 def test_bad_gguf(script, tmp_path, monkeypatch, capsys):
     whole = tiny_gguf(tmp_path / "whole.gguf").read_bytes()
-    extra = ["--prompt", "hi"] if script == "model.py" else ["--out", str(tmp_path / "out")] * (script == "train.py")
+    extra = ["--prompt", "hi"] if script == "generate.py" else ["--out", str(tmp_path / "out")] * (script == "train.py")
     for cut in (len(whole) // 2, 40):
         (tmp_path / "cut.gguf").write_bytes(whole[:cut])
         code, err = run(script, ["--model", str(tmp_path / "cut.gguf"), *extra], monkeypatch, capsys, True)
@@ -333,13 +333,13 @@ def test_data_prepare_refuses_missing_and_corrupt_wheels(tmp_path, monkeypatch, 
 
 
 def test_fetch_check_exits_2_with_the_message(tmp_path, capsys):
-    import fetch
+    import checkpoint
     with pytest.raises(SystemExit) as caught:
-        fetch.check_default_model(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        checkpoint.check_default_model(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
     check_one_line(caught.value.code, capsys.readouterr().err, "is missing; run `make setup`")
     (tmp_path / "small.gguf").write_bytes(b"GGUF")
     with pytest.raises(SystemExit) as caught:
-        fetch.check_default_model(tmp_path / "small.gguf")
+        checkpoint.check_default_model(tmp_path / "small.gguf")
     check_one_line(caught.value.code, capsys.readouterr().err, "small.gguf is corrupt")
 
 
@@ -355,7 +355,7 @@ def test_fail_is_one_line_with_status_2(capsys):
     (["eval.py", "--limit", "-3"], "eval.py: error: argument --limit: must be 0 or more, got -3"),
     (["train.py", "--lr", "-1"], "train.py: error: argument --lr: must be more than 0, got -1"),
     (["eval.py", "--task", "gsm8k", "--strategy", "expert:{tmp}/garbage.safetensors"], "error: {tmp}/garbage"),
-    (["model.py", "--prompt", "hi", "--model", "{tmp}/cut.gguf"], "error: cut.gguf: cannot read GGUF file"),
+    (["generate.py", "--prompt", "hi", "--model", "{tmp}/cut.gguf"], "error: cut.gguf: cannot read GGUF file"),
 ])
 def test_as_a_process(args, names, tmp_path):
     bad_safetensors(tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["model.py", "train.py", "eval.py", "bench.py", "results.py", "fetch.py", "data/__main__.py"]
+SCRIPTS = ["generate.py", "train.py", "eval.py", "bench.py", "results.py", "fetch.py", "data/__main__.py"]
 
 
 class Parsed(Exception):

@@ -16,7 +16,8 @@ import checkpoint
 import lora
 import rl
 import svf
-from model import generate, generate_all
+from engine import generate_all
+from model import generate
 from test_adapt import ChoiceTask, CharTokenizer, EchoTask, toy_problems  # the tiny tasks and tokenizers of
 from test_svf import ToyTask, ToyTokenizer                                  # the adaptation and trainer tests
 from test_svf import toy_problems as toy_train_problems

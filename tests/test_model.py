@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import fetch
+import checkpoint
 from checkpoint import load_model
 from model import generate
 from replies import common_prefix, reply_logprobs
@@ -81,41 +81,6 @@ def test_forward_without_cache_has_gradients(tmp_path):
     loss.backward()
     grad = model.layers[0].mlp.gate.weight.grad
     assert grad is not None and grad.abs().sum() > 0
-
-
-def test_stacked_projections_follow_their_weights(tmp_path):
-    """Inference runs q/k/v (and gate/up) as one matmul on stacked weights (model.project): the
-    result equals the separate layers' (the gradient path), and tracks in-place edits, replaced
-    weights and dtype changes; gradients still reach the weights afterwards."""
-    make_hf_checkpoint("qwen2", tmp_path)  # q/k/v biases are stacked too
-    model = load_model(tmp_path, device="cpu", dtype="float32").requires_grad_(True)
-    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
-    attn = model.layers[0].attention
-
-    def check():
-        with torch.no_grad():
-            fused = model(tokens)
-        plain = model(tokens)  # grad enabled: each layer separately
-        torch.testing.assert_close(fused, plain.detach(), atol=1e-5, rtol=0)
-        return plain
-
-    check()
-    stack, bias, _ = attn.q.__dict__["stack"]
-    assert attn.k.weight.data_ptr() == stack[attn.q.weight.shape[0]].data_ptr()  # a view: no copy kept
-    with torch.no_grad():
-        attn.k.weight.mul_(1.5)                                   # in place: seen through the view
-        model.layers[1].mlp.up.weight.add_(0.01)
-    check()
-    attn.v.weight = torch.nn.Parameter(torch.randn_like(attn.v.weight))  # replaced: stacked again
-    model.layers[1].mlp.gate.weight = torch.nn.Parameter(torch.randn_like(model.layers[1].mlp.gate.weight))
-    check()
-    model.double()
-    with torch.no_grad():
-        assert model(tokens).dtype == torch.float64
-    model.float()
-    plain = check()
-    plain.sum().backward()
-    assert attn.q.weight.grad is not None and attn.q.weight.grad.abs().sum() > 0
 
 
 def test_kv_cache_decoding_equals_full_recomputation(tmp_path):
@@ -265,7 +230,7 @@ def test_tiny_gguf_unpermutes_and_matches_transformers(quant, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 def test_truncated_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "cut.gguf"
-    bad.write_bytes(fetch.check_default_model().read_bytes()[:2_000_000])
+    bad.write_bytes(checkpoint.check_default_model().read_bytes()[:2_000_000])
     with pytest.raises(ValueError, match="cut.gguf.*truncated or corrupt"):
         load_model(bad)
 
@@ -314,10 +279,10 @@ def test_prompt_longer_than_context_is_a_clear_error(tmp_path):
 
 def test_missing_default_model_says_how_to_fetch(tmp_path):
     with pytest.raises(SystemExit, match="missing; run `make setup`"):
-        fetch.check_default_model(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+        checkpoint.check_default_model(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
     (tmp_path / "bad.gguf").write_bytes(b"x" * 2_000_000)
     with pytest.raises(SystemExit, match="corrupt"):
-        fetch.check_default_model(tmp_path / "bad.gguf")
+        checkpoint.check_default_model(tmp_path / "bad.gguf")
 
 
 # ----------------------------------------------------------------------------- the real default model

@@ -18,10 +18,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-import fetch
+import checkpoint
 from tokenizer import load_tokenizer
 
-DATA_DIR = fetch.ROOT / "data"
+DATA_DIR = checkpoint.ROOT / "data"
 SAMPLE_SIZE = 2_000  # of the task strings: enough to meet every kind of text, small enough to stay fast
 
 HARD_CASES = [
@@ -93,7 +93,7 @@ def assert_same_ids(ours, reference, strings: list[str], bos: bool):
 @pytest.fixture(scope="module")
 def hf_gguf():
     """transformers reading the same GGUF file: its own reader of the vocabulary, merges and ids."""
-    path = fetch.check_default_model()
+    path = checkpoint.check_default_model()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
@@ -111,7 +111,7 @@ def hf_smollm2(hf_gguf):
 
 @pytest.fixture(scope="module")
 def ours_gguf():
-    return load_tokenizer(fetch.check_default_model())
+    return load_tokenizer(checkpoint.check_default_model())
 
 
 def test_gguf_ids_match_hf(strings, ours_gguf, hf_smollm2):

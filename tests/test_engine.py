@@ -1,11 +1,12 @@
-"""model.generate_many (continuous batching for rollouts) against independent references: plain
+"""engine.generate_many (continuous batching for rollouts) against independent references: plain
 generate() of each prompt, a plain forward pass without a cache, and softmax(logits / T) itself."""
 import copy
 
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, draw, generate, generate_many, sample_rows
+from engine import draw, generate_many, sample_rows
+from model import ModelArgs, Transformer, generate
 
 
 class StubTokenizer:
@@ -184,7 +185,7 @@ def test_real_model_sampled_rows_equal_a_plain_forward(real):
 
 def test_generate_all_refill_runs_generate_many(tiny):
     """rl.rollout's way in: generate_all(refill=True) gives generate_many's results; on_batch is refused."""
-    from model import generate_all
+    from engine import generate_all
     prompts, tok = random_prompts([3, 8, 5, 6]), StubTokenizer({1, 2, 3})
     kw = dict(max_new_tokens=12, temperature=1.0)
     a = generate_all(tiny, tok, prompts, 3, refill=True, generator=torch.Generator().manual_seed(0), **kw)
