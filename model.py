@@ -76,35 +76,35 @@ class RMSNorm(nn.Module):
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
-# Each head's vector is split into two halves (x1, x2) and rotated pairwise: (x1_i, x2_i) by the
-# angle pos * freq_i, giving (x1 cos - x2 sin, x2 cos + x1 sin). This is the Hugging Face
-# ("rotate half") layout. llama.cpp uses the interleaved layout (x_2i, x_2i+1) instead and
-# reorders q/k rows on conversion; checkpoint.py undoes that reordering, so one rotary function
-# serves every checkpoint.
+# Each head's vector is split into halves (x1, x2), rotated pairwise by the angle pos * freq_i:
+# (x1 cos - x2 sin, x2 cos + x1 sin), the Hugging Face ("rotate half") layout. llama.cpp
+# interleaves the pairs instead; checkpoint.py undoes its q/k row order, so one rotary serves all.
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies theta^(-2i/d), with Llama 3.1 or linear context scaling. (head_dim // 2,)"""
-    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim)
+    """Inverse frequencies theta^(-2i/d), with Llama 3.1 or linear scaling. (head_dim // 2,)"""
+    i = torch.arange(0, args.head_dim, 2, dtype=torch.float64)
+    inv_freq = 1.0 / args.rope_theta ** (i / args.head_dim)
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
-        # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, blend in between.
-        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between
+        factor, lo = scaling["factor"], scaling["low_freq_factor"]
+        hi = scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     elif kind != "default":
-        raise ValueError(f"unsupported rope scaling type {kind!r}: expected default, linear or llama3")
+        raise ValueError(f"unsupported rope scaling type {kind!r}: "
+                         "expected default, linear or llama3")
     return inv_freq.float()
 
 
-def rope_tables(args: ModelArgs, inv_freq: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin for every position, each (max_seq_len, head_dim), float32.
-
-    The sin table carries the sign of the rotation: -sin on the first half, +sin on the second."""
+def rope_tables(args: ModelArgs, inv_freq: torch.Tensor, device=None):
+    """cos and signed sin for every position, each (max_seq_len, head_dim), float32; the sin
+    table carries the rotation's sign: -sin on the first half, +sin on the second."""
     pos = torch.arange(args.max_seq_len, dtype=torch.float32, device=device)
     angles = torch.outer(pos, inv_freq.to(device))            # (max_seq_len, head_dim // 2)
     sin = angles.sin()
@@ -112,14 +112,14 @@ def rope_tables(args: ModelArgs, inv_freq: torch.Tensor, device=None) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, head_dim) by per-position cos/sin (B, 1, T, head_dim):
-    x cos + (x2, x1) sin, where (x2, x1) is x rolled by half a head and sin holds the signs."""
+    """Rotate x (B, heads, T, hd) by per-position cos/sin (B, 1, T, hd): x cos + (x2, x1) sin,
+    where (x2, x1) is x rolled by half a head and sin holds the signs."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ----------------------------------------------------------------------------- attention
 class KVCache(nn.Module):
-    """Keys and values of past positions, preallocated once: (B, n_kv_heads, max_len, head_dim)."""
+    """Keys and values of past positions, preallocated once: (B, n_kv, max_len, head_dim)."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -127,8 +127,8 @@ class KVCache(nn.Module):
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at positions start..start+T; return everything up to there."""
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv, T, hd) at slots start..start+T; return everything up to there."""
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -145,24 +145,27 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q = Linear(args.dim, args.n_heads * args.head_dim, bias=args.attn_bias)
-        self.k = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
-        self.v = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.attn_bias)
-        self.o = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.n_heads, args.n_kv_heads, args.head_dim)
+        self.q = Linear(args.dim, H * hd, bias=args.attn_bias)
+        self.k = Linear(args.dim, Hkv * hd, bias=args.attn_bias)
+        self.v = Linear(args.dim, Hkv * hd, bias=args.attn_bias)
+        self.o = Linear(H * hd, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = project(x, (self.q, self.k, self.v)).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qkv[:, :H + Hkv], cos, sin)          # queries and keys rotate alike
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]     # (B, heads, T, hd), heads = H or Hkv
+        qkv = project(x, (self.q, self.k, self.v)).view(B, T, H + 2 * Hkv, self.head_dim)
+        qkv = qkv.transpose(1, 2)
+        qk = apply_rope(qkv[:, :H + Hkv], cos, sin)       # queries and keys rotate alike
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]  # (B, heads, T, hd)
         if cache is not None:
-            k, v = cache.update(start, k, v)                 # (B, Hkv, start+T, hd)
+            k, v = cache.update(start, k, v)              # (B, Hkv, start+T, hd)
         if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
-            q, k, v = q.float(), k.float(), v.float()  # CPU attention kernels are much slower in 16 bits
-        # mask None means plain causal attention over T == S positions (or one query over all keys)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q, k, v = q.float(), k.float(), v.float()  # CPU attention is slow in 16 bits
+        # mask None: plain causal over T == S positions (or one query over all keys)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and T > 1,
                                            enable_gqa=Hkv != H).to(x.dtype)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -216,21 +219,23 @@ class Transformer(nn.Module):
         """One KVCache per layer; float32 on CPU, where attention is computed in float32."""
         a, w = self.args, self.tok_embeddings.weight
         dtype = torch.promote_types(w.dtype, torch.float32) if w.device.type == "cpu" else w.dtype
-        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, w.device) for _ in self.layers]
+        return [KVCache(batch, max_len, a.n_kv_heads, a.head_dim, dtype, w.device)
+                for _ in self.layers]
 
     def forward(self, tokens: torch.Tensor, pad: torch.Tensor | None = None,
-                cache: list[KVCache] | None = None, start: int = 0, last: int | None = None) -> torch.Tensor:
+                cache: list[KVCache] | None = None, start: int = 0,
+                last: int | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T) sitting at cache slots start..start+T.
 
-        pad (B,) counts the left-padding slots of each row: row b's real tokens begin at slot
-        pad[b], so its position ids are slot - pad[b] and its padding is never attended to.
-        last: compute logits for the last `last` positions only (the output head is the
-        biggest matmul of a small model; prefill needs one position, the trainer the response).
+        pad (B,) counts each row's left padding: row b's real tokens begin at slot pad[b], so
+        its position ids are slot - pad[b] and its padding is never attended to. last: logits
+        of the last `last` positions only (the output head is a small model's biggest matmul).
         Without a cache this is the plain differentiable forward pass the trainer uses.
         """
         B, T = tokens.shape
         if start + T > self.args.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context length {self.args.max_seq_len}")
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context length "
+                             f"{self.args.max_seq_len}")
         slots = torch.arange(start, start + T, device=tokens.device)
         positions = slots.expand(B, T) if pad is None else (slots - pad[:, None]).clamp(min=0)
         window = self.args.sliding_window
@@ -256,11 +261,9 @@ class Transformer(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | None) -> torch.Tensor:
+def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | None):
     """Boolean (B or 1, 1, T, S) mask: query slot i sees key slot j <= i that is not padding.
-
-    A padding query sees itself only, so no row is empty (an all-False row gives NaN).
-    """
+    A padding query sees itself only, so no row is empty (an all-False row gives NaN)."""
     keys = torch.arange(int(slots[-1]) + 1, device=slots.device)
     q, k = slots[:, None], keys[None, :]                           # (T, 1), (1, S)
     mask = (k <= q)[None, None]                                    # (1, 1, T, S)
