@@ -55,7 +55,7 @@ import svf
 from engine import generate_all, generate_many
 from fast import stacked
 from model import ModelArgs, Transformer, generate, left_pad
-from replies import common_prefix
+from replies import common_prefix, micro_batches
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -1102,7 +1102,7 @@ def scale_floor(rep: Report, sc: Scale) -> dict:
     widths = [len(p) + sum(map(len, s)) for p, s in zip(firsts, samples)]
 
     def forward_backward():
-        for micro in rl.micro_batches(widths, max(1, cfg.micro_batch // cfg.samples), cfg.micro_tokens):
+        for micro in micro_batches(widths, max(1, cfg.micro_batch // cfg.samples), cfg.micro_tokens):
             logits, targets, _ = reply_logits(model, [firsts[i] for i in micro], [samples[i] for i in micro],
                                               sc.tok.pad_id)
             (-torch.log_softmax(logits, -1).gather(-1, targets[:, None]).sum() / len(comps)).backward()

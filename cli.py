@@ -1,4 +1,4 @@
-"""What every command line shares (train.py, eval.py, bench.py, results.py, fetch.py, model.py, python -m data):
+"""What every command line shares (train.py, eval.py, generate.py, bench.py, results.py, fetch.py, python -m data):
 argparse types that refuse a bad value with a message naming the problem, and fail(), the one-line exit for a
 bad input file.
 
@@ -57,19 +57,23 @@ def option(default: Any, help: str, type: Callable | None = None, choices: tuple
     return dataclasses.field(default=default, metadata=dict(help=help, type=type, choices=choices))
 
 
-def add_options(p: argparse.ArgumentParser, config: type, **defaults: Any) -> None:
+def add_options(p: argparse.ArgumentParser, config: type, defaults: dict | None = None,
+                notes: dict | None = None) -> None:
     """One flag per field of the dataclass `config` that was declared with option(): a bool is a
-    switch (--name), anything else takes a value. defaults overrides a field's default on the command
-    line only (None: the command fills it in later, and the field's help says how)."""
+    switch (--name), anything else takes a value. defaults overrides a field's default on the
+    command line only (None: the command fills it in later); notes adds to a field's help (what
+    that None means)."""
+    defaults, notes = defaults or {}, notes or {}
     for f in dataclasses.fields(config):
         if "help" not in f.metadata:
             continue
         flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        text = f.metadata["help"] + notes.get(f.name, "")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            p.add_argument(flag, action="store_true", help=text)
         else:
-            p.add_argument(flag, default=default, type=f.metadata["type"], choices=f.metadata["choices"],
-                           help=f.metadata["help"])
+            p.add_argument(flag, default=default, type=f.metadata["type"],
+                           choices=f.metadata["choices"], help=text)
 
 
 # ----------------------------------------------------------------------------- argparse types

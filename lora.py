@@ -16,6 +16,7 @@ is the default here. Same shape of code as svf.py, so the trainer can drive eith
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import torch
 import torch.nn as nn
 
 import model as llama  # llama.linear: the model's one matrix product (fast.py may swap it)
+import svf
+from replies import micro_batches, reply_logprobs
 from svf import read_tensors, save_tensors
 
 TARGETS = {  # which matrices of each block LoRA adapts; never embeddings, output head or norms
@@ -198,3 +201,43 @@ class Adapter:
             adapter.params = {k: v.to(dev) for k, v in params.items()}
             check_params(model, adapter.params)
         return adapter
+
+
+# ----------------------------------------------------------------------------- the supervised objective
+# The paper's LoRA baseline learns by next-token prediction on the tasks' reference responses
+# (GSM8K solutions, MBPP code, ARC answers) instead of by reward. The same step can train an
+# SVF expert (--method svf --objective sft), for comparison.
+
+def reference_tokens(tokenizer, task, problem: dict, end: list[int]):
+    """The prompt's tokens and the reference response's, closed by the end-of-turn token."""
+    return (tokenizer.encode_chat(task.messages(problem)),
+            tokenizer.encode(task.reference_response(problem)) + end)
+
+
+def sft_step(model, tokenizer, task, problems, params, opt, cfg, generator, more=None) -> dict:
+    """One step of loss = mean over all reference tokens of -log p(y_t | x, y_<t), in
+    micro-batches each divided by the step's token count, so that the accumulated gradient is
+    one big batch's. cfg is an rl.TrainConfig; its method says what params are."""
+    t0 = time.perf_counter()
+    end = sorted(tokenizer.end_of_turn_ids())[:1] or [tokenizer.eos_id]  # learn to stop
+    pairs = [reference_tokens(tokenizer, task, p, end) for p in problems]
+    n_tokens = sum(len(r) for _, r in pairs)
+    opt.zero_grad(set_to_none=True)
+    if cfg.method == "lora":
+        train_ab(model, params, generator)  # dropout on, drawn from generator
+    else:
+        svf.train_z(model, params)
+    loss_sum = 0.0
+    lengths = [len(p) + len(r) for p, r in pairs]
+    for micro in micro_batches(lengths, cfg.micro_batch, cfg.micro_tokens):
+        prompts, responses = zip(*[pairs[i] for i in micro])
+        logp = reply_logprobs(model, list(prompts), [[r] for r in responses], tokenizer.pad_id)
+        loss = -torch.cat(logp).sum() / n_tokens
+        loss.backward()
+        loss_sum += loss.item()
+    svf.train_z(model, None)
+    train_ab(model, None)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.clip).item()
+    opt.step()
+    return {"loss": loss_sum, "tokens": n_tokens, "grad_norm": grad_norm,
+            "t_step": time.perf_counter() - t0}

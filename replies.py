@@ -21,6 +21,20 @@ def common_prefix(prompts: list[list[int]]) -> int:
     return max(n, 0)
 
 
+def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped for forward/backward passes: rows of similar length together, at most max_rows
+    rows and max_tokens padded tokens (rows x the longest) in each, so that memory stays bounded
+    when one prompt is long (an MBPP prompt with its test data runs to 1,800 tokens)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):    # longest first: it sets the width
+        g = groups[-1] if groups else None
+        if g and len(g) < max_rows and (len(g) + 1) * lengths[g[0]] <= max_tokens:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def reply_logits(model: Transformer, prompts: list[list[int]], replies: list[list[list[int]]],
                  pad_id: int, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The logits that predict every token of every reply of every prompt, in one forward pass.

@@ -50,7 +50,7 @@ def test_add_options_makes_one_flag_per_option_field():
         internal: int = 1  # not an option(): no flag
 
     p = cli.parser("test")
-    cli.add_options(p, Config, kind=None)
+    cli.add_options(p, Config, defaults={"kind": None}, notes={"kind": " (default: the first)"})
     assert vars(p.parse_args([])) == {"count": 3, "loud": False, "kind": None}
     assert vars(p.parse_args(["--count", "5", "--loud", "--kind", "b"])) == {"count": 5, "loud": True, "kind": "b"}
     with pytest.raises(SystemExit):
@@ -58,4 +58,4 @@ def test_add_options_makes_one_flag_per_option_field():
     with pytest.raises(SystemExit):
         p.parse_args(["--internal", "2"])
     text = p.format_help()
-    assert "how many (default: 3)" in text and "which one (default" not in text
+    assert "how many (default: 3)" in text and "which one (default: the first)" in text

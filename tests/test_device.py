@@ -14,6 +14,7 @@ import torch
 import adapt
 import checkpoint
 import lora
+import options
 import rl
 import svf
 from engine import generate_all
@@ -207,7 +208,7 @@ def test_reinforce_loss_and_its_gradient_match_a_float64_cpu_computation(folder,
         loss, parts = rl.reinforce_loss(m, z, prompts, samples, adv, kl_coef=0.1, n_total=3, pad_id=0,
                                         temperature=0.7)
         loss.backward()
-        rl.train_mode(m, None)
+        rl.base_mode(m)
         assert all(v.grad is not None and v.grad.device == v.device for v in z.values())
         results.append((loss.item(), parts["kl"], torch.cat([v.grad.cpu().double() for v in z.values()])))
     (loss, kl, grad), (loss64, kl64, grad64) = results
@@ -264,7 +265,7 @@ def test_the_multiple_choice_step_samples_on_the_device(folder, device, dtype):
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     cfg = rl.TrainConfig(task="choice", rollout="options", samples=4, temperature=1.0, baseline="none", lr=0.05)
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
-    stats = rl.option_step(model, tok, task, toy_problems(3), z, opt, cfg, torch.Generator(device).manual_seed(0))
+    stats = options.option_step(model, tok, task, toy_problems(3), z, opt, cfg, torch.Generator(device).manual_seed(0))
     assert np.isfinite([stats["pg"], stats["grad_norm"]]).all() and stats["z_dev"] > 1e-3
 
 

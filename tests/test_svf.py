@@ -7,6 +7,7 @@ import torch
 import data
 import lora
 import replies
+import options
 import rl
 import svf
 from model import ModelArgs, Transformer
@@ -378,18 +379,18 @@ def run_toy(out, steps, resume=False, interrupt_at=None, monkeypatch=None, **ove
     cfg = rl.TrainConfig(**{**dict(task="toy", targets="mlp", steps=steps, batch_size=2, samples=3, temperature=1.0,
                                    lr=0.05, kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, eval_every=2,
                                    val_limit=0, seed=3), **overrides})
-    step_name = "sft_step" if cfg.objective == "sft" else "train_step"
+    owner, step_name = (lora, "sft_step") if cfg.objective == "sft" else (rl, "train_step")
     if interrupt_at is not None:  # a Ctrl-C arriving during step `interrupt_at`
         import os
         import signal
-        real_step, calls = getattr(rl, step_name), []
+        real_step, calls = getattr(owner, step_name), []
 
         def step_then_ctrl_c(*args, **kwargs):
             calls.append(1)
             if len(calls) == interrupt_at:
                 os.kill(os.getpid(), signal.SIGINT)
             return real_step(*args, **kwargs)
-        monkeypatch.setattr(rl, step_name, step_then_ctrl_c)
+        monkeypatch.setattr(owner, step_name, step_then_ctrl_c)
     rl.train(model, ToyTokenizer(), cfg, out, resume=resume, log=lambda *a: None, task=ToyTask(),
              train_set=toy_problems(8, 0), val_set=toy_problems(4, 1))
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -449,20 +450,20 @@ def test_option_rollout_learns_the_rewarded_option(tmp_path, monkeypatch):
     opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
     cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.0, baseline="loo", micro_batch=6)
     problems = toy_problems(4, 0)
-    before = rl.option_accuracy(model, tok, task, problems, None)
+    before = options.option_accuracy(model, tok, task, problems, None)
     p_right = lambda: torch.softmax(torch.stack(replies.option_logits(model, tok, task, problems, 1.0)), -1)[:, 2].mean().item()
     svf.train_z(model, None)
     with torch.no_grad():
         start = p_right()
     g = torch.Generator().manual_seed(0)
     for _ in range(8):
-        stats = rl.option_step(model, tok, task, problems, z, opt, cfg, g)
+        stats = options.option_step(model, tok, task, problems, z, opt, cfg, g)
     svf.train_z(model, {n: v.detach() for n, v in z.items()})
     with torch.no_grad():
         end = p_right()
     svf.train_z(model, None)
     assert end > start + 0.05, (start, end)
-    assert rl.option_accuracy(model, tok, task, problems, z) >= before
+    assert options.option_accuracy(model, tok, task, problems, z) >= before
     assert set(stats) >= {"reward", "accuracy", "kl", "grad_norm"}
 
 
@@ -540,19 +541,19 @@ def test_an_option_step_without_reward_signal_makes_no_update(tmp_path, monkeypa
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
     cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.1, baseline="loo", micro_batch=6)
-    stats = rl.option_step(model, tok, task, toy_problems(3, 0), z, opt, cfg, torch.Generator().manual_seed(0))
+    stats = options.option_step(model, tok, task, toy_problems(3, 0), z, opt, cfg, torch.Generator().manual_seed(0))
     assert stats["skipped"] and not opt.state
     assert all(torch.equal(v.detach(), torch.ones_like(v)) for v in z.values())
 
 
 def test_micro_batches_bound_rows_and_padded_tokens():
     lengths = [5, 300, 40, 41, 2000, 39, 7, 300]
-    groups = rl.micro_batches(lengths, max_rows=3, max_tokens=400)
+    groups = replies.micro_batches(lengths, max_rows=3, max_tokens=400)
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every row once
     for g in groups:
         assert len(g) <= 3 and (len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 400)
     assert [4] in groups  # the long row goes alone
-    assert rl.micro_batches(lengths, 8, 10**9) == [sorted(range(8), key=lambda i: -lengths[i])]
+    assert replies.micro_batches(lengths, 8, 10**9) == [sorted(range(8), key=lambda i: -lengths[i])]
 
 
 @pytest.mark.parametrize("method,objective", [("lora", "sft"), ("svf", "reinforce")])
