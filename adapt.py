@@ -33,61 +33,25 @@ rescaled one.
 """
 from __future__ import annotations
 
+import json
 import random
-import re
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 import data
+import lora
 import replies
 import svf
-from model import Transformer, generate
+from engine import generate_all
+from data.cls import CLS_TASK, LABEL_TO_EXPERT, LABELS, classify_messages, normalise, parse_label
+from model import Completion, Transformer, generate
 from replies import reply_logprobs
 
 # ----------------------------------------------------------------------------- first pass: classify
-LABELS = ("code", "math", "reasoning", "other")
-LABEL_TO_EXPERT = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}  # "other": the base model
-ALIASES = {"coding": "code", "programming": "code", "python": "code", "maths": "math", "mathematics": "math",
-           "arithmetic": "math", "science": "reasoning", "logic": "reasoning"}
-
-# Short, with one line per category (the official prompt's guidelines, condensed). SmolLM2-135M-
-# Instruct reading it by likelihood (eval.py --routing, 300 validation questions, 100 per training
-# task): 60.3% right (code 100/100, math 80/100, reasoning 1/100: ARC questions go to "code");
-# written freely, 0 of 8 replies held a category (the model answers the question instead). Two
-# other wordings scored 46% and 62-67% on smaller samples. The weak base reader is what the cls
-# expert is for: 99.3% on the same 300 questions.
-CLASSIFY_SYSTEM = ("Classify the user's question into one category. code: it asks for a program or a function. "
-                   "math: a calculation or a math problem. reasoning: a science or common-sense question, "
-                   "often with options to choose from. other: anything else. Reply only with \\boxed{category}.")
-
-
-# The first pass reads the question's first CLASSIFY_CHARS characters only: its opening tells a
-# calculation from a program from a science question, and the cut bounds the first pass's cost
-# (a HumanEval prompt runs to 1,500 characters, an MBPP one with its tests to 2,200, and a batch
-# is as long as its longest row).
-CLASSIFY_CHARS = 500
-
-
-def classify_messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": question[:CLASSIFY_CHARS]}]
-
-
-def parse_label(text: str) -> str | None:
-    """The category a reply names: the last \\boxed{...} (closed or cut off, "\\text{}" allowed); without
-    one, "category: X" or a bare label. None when there is none, it is not a category, or several."""
-    boxed = re.findall(r"boxed\s*\{\s*(?:\\text\s*\{)?\s*([^{}]*)", text, re.I)
-    stated = re.findall(r"(?:category|classification|answer)\s*(?:is)?\s*[:=]?\s*\**\s*(\w+)", text, re.I)
-    words = boxed[-1] if boxed else stated[-1] if stated else text
-    names = {ALIASES.get(w, w) for w in re.findall(r"[a-z]+", words.lower())}
-    found = names & set(LABELS)
-    if len(found) != 1 or (not boxed and not stated and len(names) > 1):  # a bare reply: the label alone
-        return None
-    return found.pop()
-
-
 @torch.inference_mode()
 def label_logprobs(model: Transformer, tokenizer, questions: list[str], z: dict | None = None,
                    batch_size: int = 16, share_prefix: bool = True) -> torch.Tensor:
@@ -155,69 +119,6 @@ def dispatch(labels: list[str | None]) -> list[str]:
     """The expert that answers each problem: the label's expert, else "base" (z = None, the base model).
     (The official code keeps the previous expert loaded for "other".)"""
     return [LABEL_TO_EXPERT.get(label, "base") for label in labels]
-
-
-# ----------------------------------------------------------------------------- the classification expert's task
-def normalise(question: str) -> str:
-    return " ".join(question.split()).casefold()
-
-
-def evaluation_questions() -> set[str]:
-    """Every question the project reports on: all test splits, and ARC-Challenge entirely."""
-    return {normalise(p["question"]) for task, splits in data.SPLITS.items() for split in splits
-            if split == "test" or task == "arc_challenge" for p in data.load(task, split)}
-
-
-def cls_problems(split: str, per_task: int = 0, seed: int = 0) -> list[dict]:
-    """Labelled questions for the classification expert, from the train (or validation) split of each
-    training task, balanced: per_task questions of each (0: as many as the smallest has), shuffled.
-
-    The question is the one the user asked, without the task's instructions (what the first pass
-    reads, as in the paper: ARC-Challenge shares ARC-Easy's template and MATH GSM8K's, so a
-    template would be an easier cue than the question). A question whose text also appears in an
-    evaluation set (a few ARC and MBPP duplicates under other ids) is left out.
-    """
-    if split not in ("train", "validation"):
-        raise ValueError(f"the classification expert uses the train and validation splits only, not {split!r}")
-    held_out, rng = evaluation_questions(), random.Random(seed)
-    pools = {}
-    for label, name in LABEL_TO_EXPERT.items():
-        pools[name] = [{"id": f"cls/{p['id']}", "question": p["question"], "answer": label,
-                        "source": name, "source_id": p["id"]}
-                       for p in data.load(name, split) if normalise(p["question"]) not in held_out]
-    n = per_task or min(len(pool) for pool in pools.values())
-    problems = [p for pool in pools.values() for p in rng.sample(pool, min(n, len(pool)))]
-    rng.shuffle(problems)
-    return problems
-
-
-class Classification(data.Task):
-    """Task-like: rl.train trains the classification expert z_c on it (reward +1 for the right label).
-
-    Beware: SmolLM2-135M-Instruct almost never writes a category when sampling (0 of 48 replies at
-    temperature 0.7 held one), so free-generation rollouts get the same -1 for every sample and
-    REINFORCE with a baseline learns nothing; sampling one of option_responses() by likelihood
-    (as classify() reads them) gives the trainer a signal."""
-    name, domain, max_new_tokens, stop = "cls", "other", 16, []
-
-    def messages(self, problem: dict) -> list[dict[str, str]]:
-        return classify_messages(problem["question"])
-
-    def extract(self, response: str, problem: dict | None = None) -> str | None:
-        return parse_label(response)
-
-    def score(self, problem: dict, response: str) -> bool:
-        return parse_label(response) == problem["answer"]
-
-    def reference_response(self, problem: dict) -> str:
-        return f"\\boxed{{{problem['answer']}}}"
-
-    def option_responses(self, problem: dict | None = None) -> list[str]:
-        """The four possible replies, in LABELS order (as ARC's options: for a likelihood-based choice)."""
-        return [f"\\boxed{{{label}}}" for label in LABELS]
-
-
-CLS_TASK = Classification()
 
 
 # ----------------------------------------------------------------------------- few-shot: the cross-entropy method
@@ -379,3 +280,118 @@ def save_adapted(path, model: Transformer, z: dict[str, torch.Tensor], report: d
     expert = svf.Expert(z, meta)
     expert.save(path)
     return expert
+
+
+# ----------------------------------------------------------------------------- the two passes
+# A strategy names its experts (strategy_experts); the first pass chooses one per problem
+# (first_pass: a label read by the base model or the cls expert, or few-shot's mixture), and the
+# second pass answers each problem with its choice, grouped by expert (second_pass).
+DOMAIN_EXPERTS = list(LABEL_TO_EXPERT.values())  # gsm8k (math), mbpp (code), arc_easy (reasoning)
+
+
+def experts_needed(strategy: str) -> list[str]:
+    """The expert files a strategy reads."""
+    if strategy == "base":
+        return []
+    if strategy.startswith("expert:"):
+        return [strategy.split(":", 1)[1]]
+    if strategy in ("prompt", "fewshot"):
+        return DOMAIN_EXPERTS
+    if strategy == "cls":
+        return DOMAIN_EXPERTS + ["cls"]
+    raise ValueError(f"unknown strategy {strategy!r} (--strategy): choose base, prompt, cls, "
+                     "fewshot or expert:NAME")
+
+
+def strategy_experts(strategy: str, loaded: dict[str, dict]) -> dict[str, dict | None]:
+    """The experts a strategy's second pass answers with, by name (None: the base model);
+    fewshot's z' is made by its first pass."""
+    if strategy == "base":
+        return {"base": None}
+    if strategy.startswith("expert:"):
+        name = strategy.split(":", 1)[1]
+        return {name: loaded[name]}
+    if strategy.startswith("adapter:"):
+        return {strategy: loaded[strategy]}
+    if strategy in ("prompt", "cls"):
+        return {**{n: loaded[n] for n in DOMAIN_EXPERTS}, "base": None}
+    return {}
+
+
+def fewshot_name(task) -> str:
+    """fewshot's z' by name; the name holds the task, so that answer()'s cache of composed weights
+    never mixes tasks up."""
+    return f"fewshot-{task.name}"
+
+
+def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
+               shot_problems: list[dict], generations: int, population: int, per_layer: bool, read_by: str,
+               batch_size: int, seed: int, out: Path, how: str = "generate", searched: list[dict] | None = None,
+               on_generation=None) -> tuple[list[str], dict[str, dict | None], list[str | None]]:
+    """Decide the expert of every problem: choice[i] names it, experts maps names to z (None: the base
+    model); labels[i] is the category the classifier read (prompt, cls), else None. fewshot: the search
+    goes on from the generations in `searched`, and on_generation(stats) sees each new one."""
+    labels: list[str | None] = [None] * len(problems)
+    experts = strategy_experts(strategy, loaded)
+    if strategy in ("prompt", "cls"):
+        questions = [p["question"] for p in problems]  # the question asked, not the task's instructions
+        labels = classify(model, tokenizer, questions, loaded["cls"] if strategy == "cls" else None,
+                                batch_size, read_by)
+        return dispatch(labels), experts, labels
+    if strategy != "fewshot":  # one expert (or the base model, or an adapter) for every problem
+        [name] = experts
+        return [name] * len(problems), experts, labels
+    name = fewshot_name(task)
+    z, report = fewshot(model, tokenizer, task, shot_problems, {n: loaded[n] for n in DOMAIN_EXPERTS},
+                              per_layer, generations, population, seed, how, searched, on_generation)
+    (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_adapted(out / "fewshot.safetensors", model, z, report)
+    alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], torch.tensor(report["alpha"]).reshape(
+        len(report["experts"]), -1).mean(1).tolist()))
+    print(f"{task.name}: few-shot alpha ({'mean over matrices: ' if per_layer else ''}{alpha}), "
+          f"shot accuracy {report['best'][0]:.0%}, log-likelihood {report['best'][1]:.3f}", flush=True)
+    return [name] * len(problems), {name: z}, labels
+
+
+def second_pass(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None], choice: list[str],
+           batch_size: int, max_new_tokens: int, how: str = "generate", on_batch=None) -> list[Completion]:
+    """Answer each problem with the expert chosen for it, grouped by expert so that
+    each expert's weights are composed once and its problems are generated in batches
+    (how="likelihood": the likeliest option is the answer, see choose_options).
+    on_batch(indices into problems, completions) sees each batch as it is done."""
+    completions = [None] * len(problems)
+    for name in sorted(set(choice)):
+        idx = [i for i, c in enumerate(choice) if c == name]
+        if name.startswith("adapter:"):
+            lora.use_adapter(model, experts[name])
+        else:
+            svf.use_expert(model, experts[name], cache=True)
+        done = None if on_batch is None else lambda js, outs: on_batch([idx[j] for j in js], outs)
+        if how == "likelihood":
+            outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size,
+                                  desc=f"{task.name} [{name}, likelihood]", on_batch=done)
+        else:
+            prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
+            outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]", on_batch=done,
+                                max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
+        for i, c in zip(idx, outs):
+            completions[i] = c
+    svf.use_expert(model, None)
+    lora.use_adapter(model, None)
+    return completions
+
+
+@torch.inference_mode()
+def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int, desc: str = "",
+                   on_batch=None) -> list[Completion]:
+    """The option whose reply has the highest log-likelihood (summed over its tokens) under the
+    current weights; its text is the response, scored like a generated one."""
+    outs = []
+    for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
+        group = problems[i:i + batch_size]
+        chosen = [Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood")
+                  for p, lp in zip(group, replies.option_logits(model, tokenizer, task, group, 1.0))]
+        outs += chosen
+        if on_batch:
+            on_batch(list(range(i, i + len(group))), chosen)
+    return outs

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 import checkpoint
 import cli
 import data
+from data import cls
 import fast
 import rl
 import svf
@@ -563,7 +564,7 @@ def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
         task = data.TASKS[name]
         problems = data.load(name, "test")[:S.adapt_questions]
         questions = [task.messages(p)[-1]["content"] for p in problems]   # what eval.py's first pass reads
-        prompts = [tok.encode_chat(adapt.classify_messages(q)) for q in questions]
+        prompts = [tok.encode_chat(cls.classify_messages(q)) for q in questions]
 
         def first_pass(share: bool, qs: list[str] = questions) -> None:  # the prompt strategy's first pass
             adapt.classify(model, tok, qs, None, batch, share_prefix=share)
@@ -992,7 +993,7 @@ def scale_passes(rep: Report, sc: Scale) -> dict:
         t = race({"first": synced(first, dev)}, S.reps)
         t["second"] = race({"second": synced(second, dev)}, 1)["second"]
         comps = done["comps"]
-        prompts = [sc.tok.encode_chat(adapt.classify_messages(q)) for q in questions]
+        prompts = [sc.tok.encode_chat(cls.classify_messages(q)) for q in questions]
         out[name] = {"questions": len(problems), "first_pass_s": t["first"], "second_pass_s": t["second"],
                      "first_pass_prompt_tokens": sum(map(len, prompts)) / len(prompts),
                      "second_pass_prompt_tokens": sum(map(len, answers)) / len(answers),

@@ -46,24 +46,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import adapt
 import cli
 import fast
 import data
 import lora
-import replies
 import svf
 from checkpoint import load
 from cli import fail
-from engine import generate_all
+from data import cls
 from model import Completion
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # the LoRA baselines shipped with the repo
-DOMAIN_EXPERTS = list(adapt.LABEL_TO_EXPERT.values())     # gsm8k (math), mbpp (code), arc_easy (reasoning)
+DOMAIN_EXPERTS = list(cls.LABEL_TO_EXPERT.values())     # gsm8k (math), mbpp (code), arc_easy (reasoning)
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -82,19 +80,6 @@ def subset(problems: list[dict], limit: int, seed: int) -> list[dict]:
         return problems
     keep = sorted(random.Random(seed).sample(range(len(problems)), limit))
     return [problems[i] for i in keep]
-
-
-def experts_needed(strategy: str) -> list[str]:
-    """The expert files a strategy reads."""
-    if strategy == "base":
-        return []
-    if strategy.startswith("expert:"):
-        return [strategy.split(":", 1)[1]]
-    if strategy in ("prompt", "fewshot"):
-        return DOMAIN_EXPERTS
-    if strategy == "cls":
-        return DOMAIN_EXPERTS + ["cls"]
-    fail(f"unknown strategy {strategy!r} (--strategy): choose base, prompt, cls, fewshot or expert:NAME")
 
 
 def resolve_experts(names: list[str], experts_dir: Path) -> dict[str, Path]:
@@ -138,100 +123,6 @@ def expert_targets(paths: dict[str, Path]) -> dict[str, str]:
         if "lora" in meta:
             fail(f"{paths[n]} is a LoRA adapter, not an SVF expert: evaluate it with --adapter {paths[n]}")
     return {n: meta.get("targets", "mlp") for n, meta in metas.items()}
-
-
-def answer(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None], choice: list[str],
-           batch_size: int, max_new_tokens: int, how: str = "generate", on_batch=None) -> list[Completion]:
-    """Second pass: answer each problem with the expert chosen for it, grouped by expert so that
-    each expert's weights are composed once and its problems are generated in batches
-    (how="likelihood": the likeliest option is the answer, see choose_options).
-    on_batch(indices into problems, completions) sees each batch as it is done."""
-    completions = [None] * len(problems)
-    for name in sorted(set(choice)):
-        idx = [i for i, c in enumerate(choice) if c == name]
-        if name.startswith("adapter:"):
-            lora.use_adapter(model, experts[name])
-        else:
-            svf.use_expert(model, experts[name], cache=True)
-        done = None if on_batch is None else lambda js, outs: on_batch([idx[j] for j in js], outs)
-        if how == "likelihood":
-            outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size,
-                                  desc=f"{task.name} [{name}, likelihood]", on_batch=done)
-        else:
-            prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
-            outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]", on_batch=done,
-                                max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
-        for i, c in zip(idx, outs):
-            completions[i] = c
-    svf.use_expert(model, None)
-    lora.use_adapter(model, None)
-    return completions
-
-
-@torch.inference_mode()
-def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int, desc: str = "",
-                   on_batch=None) -> list[Completion]:
-    """The option whose reply has the highest log-likelihood (summed over its tokens) under the
-    current weights; its text is the response, scored like a generated one."""
-    outs = []
-    for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
-        group = problems[i:i + batch_size]
-        chosen = [Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood")
-                  for p, lp in zip(group, replies.option_logits(model, tokenizer, task, group, 1.0))]
-        outs += chosen
-        if on_batch:
-            on_batch(list(range(i, i + len(group))), chosen)
-    return outs
-
-
-def strategy_experts(strategy: str, loaded: dict[str, dict]) -> dict[str, dict | None]:
-    """The experts a strategy's second pass answers with, by name (None: the base model);
-    fewshot's z' is made by its first pass."""
-    if strategy == "base":
-        return {"base": None}
-    if strategy.startswith("expert:"):
-        name = strategy.split(":", 1)[1]
-        return {name: loaded[name]}
-    if strategy.startswith("adapter:"):
-        return {strategy: loaded[strategy]}
-    if strategy in ("prompt", "cls"):
-        return {**{n: loaded[n] for n in DOMAIN_EXPERTS}, "base": None}
-    return {}
-
-
-def fewshot_name(task) -> str:
-    """fewshot's z' by name; the name holds the task, so that answer()'s cache of composed weights
-    never mixes tasks up."""
-    return f"fewshot-{task.name}"
-
-
-def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
-               shot_problems: list[dict], generations: int, population: int, per_layer: bool, classify: str,
-               batch_size: int, seed: int, out: Path, how: str = "generate", searched: list[dict] | None = None,
-               on_generation=None) -> tuple[list[str], dict[str, dict | None], list[str | None]]:
-    """Decide the expert of every problem: choice[i] names it, experts maps names to z (None: the base
-    model); labels[i] is the category the classifier read (prompt, cls), else None. fewshot: the search
-    goes on from the generations in `searched`, and on_generation(stats) sees each new one."""
-    labels: list[str | None] = [None] * len(problems)
-    experts = strategy_experts(strategy, loaded)
-    if strategy in ("prompt", "cls"):
-        questions = [p["question"] for p in problems]  # the question asked, not the task's instructions
-        labels = adapt.classify(model, tokenizer, questions, loaded["cls"] if strategy == "cls" else None,
-                                batch_size, classify)
-        return adapt.dispatch(labels), experts, labels
-    if strategy != "fewshot":  # one expert (or the base model, or an adapter) for every problem
-        [name] = experts
-        return [name] * len(problems), experts, labels
-    name = fewshot_name(task)
-    z, report = adapt.fewshot(model, tokenizer, task, shot_problems, {n: loaded[n] for n in DOMAIN_EXPERTS},
-                              per_layer, generations, population, seed, how, searched, on_generation)
-    (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
-    adapt.save_adapted(out / "fewshot.safetensors", model, z, report)
-    alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], torch.tensor(report["alpha"]).reshape(
-        len(report["experts"]), -1).mean(1).tolist()))
-    print(f"{task.name}: few-shot alpha ({'mean over matrices: ' if per_layer else ''}{alpha}), "
-          f"shot accuracy {report['best'][0]:.0%}, log-likelihood {report['best'][1]:.3f}", flush=True)
-    return [name] * len(problems), {name: z}, labels
 
 
 # The version of the code that makes a summary: raised when a fix changes what a strategy gives, so that
@@ -305,16 +196,16 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
     resumed = first is not None or bool(searched)
     t0 = time.perf_counter()
     if first is None:
-        choice, experts, labels = first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
+        choice, experts, labels = adapt.first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
                                              generations, population, per_layer, classify, batch_size, seed, out, how,
                                              searched, lambda stats: append_line(out / PARTIAL, {"cem": stats}))
         seconds = time.perf_counter() - t0 + sum(h["seconds"] for h in searched)  # with the search's earlier part
         first = {"seconds": seconds, "choice": choice, "labels": labels}
         append_line(out / PARTIAL, {"first_pass": first})
     else:  # resumed: the first pass's decisions, and few-shot's z' from its file
-        choice, labels, experts = first["choice"], first["labels"], strategy_experts(strategy, loaded)
+        choice, labels, experts = first["choice"], first["labels"], adapt.strategy_experts(strategy, loaded)
         if strategy == "fewshot":
-            experts = {fewshot_name(task): svf.Expert.load(out / "fewshot.safetensors", model).z}
+            experts = {adapt.fewshot_name(task): svf.Expert.load(out / "fewshot.safetensors", model).z}
     # the second pass, for the problems that an interrupted run did not answer
     completions: list[Completion | None] = [None] * len(problems)
     second_s = 0.0
@@ -340,7 +231,7 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
                                                    "tokens": c.tokens, "finish": c.finish, "seconds": each}})
 
     t1 = time.perf_counter()
-    answer(model, tokenizer, task, [problems[i] for i in todo], experts, [choice[i] for i in todo], batch_size,
+    adapt.second_pass(model, tokenizer, task, [problems[i] for i in todo], experts, [choice[i] for i in todo], batch_size,
            max_new_tokens, how, on_batch=keep)
     second_s += time.perf_counter() - t1
     t2 = time.perf_counter()
@@ -393,11 +284,11 @@ def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: in
     the three training tasks (the classification expert never trained on them), read by the base
     model (prompt) and by the classification expert (cls). A confusion matrix per reader, rows the
     true domain, columns the label read; written to OUT/routing/summary.json."""
-    problems = subset(adapt.cls_problems("validation"), limit, seed)
+    problems = subset(cls.cls_problems("validation"), limit, seed)
     questions, truth = [p["question"] for p in problems], [p["answer"] for p in problems]
     summary = {"n": len(problems), "split": "validation", "limit": limit, "seed": seed, "command": command}
     lengths = adapt.reply_lengths(tokenizer)
-    summary["reply_tokens"] = dict(zip(adapt.LABELS, lengths.int().tolist()))
+    summary["reply_tokens"] = dict(zip(cls.LABELS, lengths.int().tolist()))
     for strategy, z in (("prompt", None), ("cls", cls_z)):
         t0 = time.perf_counter()
         logp = adapt.label_logprobs(model, tokenizer, questions, z, batch_size)
@@ -406,14 +297,14 @@ def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: in
             labels = adapt.read_labels(logp, lengths, reduce)
             correct = sum(label == t for label, t in zip(labels, truth))
             confusion = {t: {label: sum(l == label and tt == t for l, tt in zip(labels, truth))
-                             for label in adapt.LABELS} for t in dict.fromkeys(truth)}
+                             for label in cls.LABELS} for t in dict.fromkeys(truth)}
             key = strategy if reduce == "sum" else f"{strategy}-mean"
             summary[key] = {"correct": correct, "accuracy": correct / len(problems), "reduce": reduce,
                             "ci95": wilson(correct, len(problems)), "confusion": confusion, "seconds": seconds}
             print(f"{key}: {correct}/{len(problems)} labelled with their domain ({correct / len(problems):.1%})")
-            print("  true \\ read " + "".join(f"{label:>10s}" for label in adapt.LABELS))
+            print("  true \\ read " + "".join(f"{label:>10s}" for label in cls.LABELS))
             for t, row in confusion.items():
-                print(f"  {t:12s}" + "".join(f"{row[label]:10d}" for label in adapt.LABELS))
+                print(f"  {t:12s}" + "".join(f"{row[label]:10d}" for label in cls.LABELS))
     out = out_dir / "routing"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -457,7 +348,10 @@ def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size
         if "lora" not in meta:
             fail(f"{path} is not a LoRA adapter (no 'lora' config in its metadata); an SVF expert goes with "
                  f"--strategy expert:{path}")
-    needed = ["cls"] if routing_only else experts_needed(strategy)  # --routing reads the cls expert only
+    try:
+        needed = ["cls"] if routing_only else adapt.experts_needed(strategy)  # --routing: cls only
+    except ValueError as err:
+        fail(str(err))
     paths = resolve_experts(needed, Path(experts_dir))  # fail before loading the model
     expert_targets(paths)  # ... also on a corrupt expert file
     fast.enable()  # the CPU speed path (fast.py)

@@ -28,6 +28,7 @@ import fast
 import rl
 from checkpoint import load
 from cli import fail
+from data import cls
 
 TRAIN_TASKS = rl.TrainConfig.__dataclass_fields__["task"].metadata["choices"]
 # Flags whose default is the task's (data.Task.train_defaults), else rl.TrainConfig's.
@@ -98,9 +99,8 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     (out_dir / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     extra = {}
     if cfg.task == "cls":  # the classification expert (paper 3.2 b): the training tasks' questions
-        import adapt
-        extra = dict(task=adapt.CLS_TASK, train_set=adapt.cls_problems("train", seed=cfg.seed),
-                     val_set=adapt.cls_problems("validation"))
+        extra = dict(task=cls.CLS_TASK, train_set=cls.cls_problems("train", seed=cfg.seed),
+                     val_set=cls.cls_problems("validation"))
     try:
         expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
     except ValueError as e:  # a resume under other settings, another method's state: one line

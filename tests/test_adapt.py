@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import adapt
+from data import cls
 import data
 import eval as evaluation
 import lora
@@ -71,7 +72,7 @@ def toy_problems(n: int) -> list[dict]:
     ("**Category:** reasoning", "reasoning"),
 ])
 def test_parse_label_well_formed(reply, label):
-    assert adapt.parse_label(reply) == label
+    assert cls.parse_label(reply) == label
 
 
 @pytest.mark.parametrize("reply", [
@@ -79,7 +80,7 @@ def test_parse_label_well_formed(reply, label):
     "The answer is (B) television", "```python\ndef f(): pass\n```", "\\boxed{biology}",
 ])
 def test_parse_label_malformed(reply):
-    assert adapt.parse_label(reply) is None
+    assert cls.parse_label(reply) is None
 
 
 def test_other_and_unparsable_use_the_base_model():
@@ -92,7 +93,7 @@ def test_other_and_unparsable_use_the_base_model():
     reference = generate(model, tok, prompts, task.max_new_tokens)
     svf.use_expert(model, experts["gsm8k"])  # an expert left on by an earlier pass (the official bug)
     assert [c.tokens for c in generate(model, tok, prompts, task.max_new_tokens)] != [c.tokens for c in reference]
-    outs = evaluation.answer(model, tok, task, problems, experts, adapt.dispatch(["other", None, "other"]), 2, 0)
+    outs = adapt.second_pass(model, tok, task, problems, experts, adapt.dispatch(["other", None, "other"]), 2, 0)
     assert [c.tokens for c in outs] == [c.tokens for c in reference]
     assert all(m.z is None and m.merged is None for m in svf.wrappers(model).values())  # left on the base
 
@@ -101,30 +102,30 @@ def test_classify_uses_z_then_returns_to_base():
     model, tok = tiny_model(), CharTokenizer()
     questions = ["what is 2 + 2?", "write a function", "which gas do plants take in?"]
     base = adapt.classify(model, tok, questions, batch_size=2)
-    assert all(label in adapt.LABELS for label in base)
+    assert all(label in cls.LABELS for label in base)
     assert adapt.classify(model, tok, questions[1:2]) == base[1:2]  # batching changes nothing
     z = random_expert(model, 3)
     with_z = adapt.classify(model, tok, questions, z=z)
     svf.use_expert(model, z)
-    prompts = [tok.encode_chat(adapt.classify_messages(q)) for q in questions]
-    replies = [tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS]
+    prompts = [tok.encode_chat(cls.classify_messages(q)) for q in questions]
+    replies = [tok.encode(f"\\boxed{{{label}}}") for label in cls.LABELS]
     def plain_logprob(p, r):  # independent of the packed pass: one unpadded row per (prompt, reply)
         logp = torch.log_softmax(model(torch.tensor([p + r]))[0, len(p) - 1:-1], -1)
         return logp.gather(-1, torch.tensor(r)[:, None]).sum().item()
     by_sum = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k])) for p in prompts]
     by_mean = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k]) / len(replies[k])) for p in prompts]
     svf.use_expert(model, None)
-    assert with_z == [adapt.LABELS[k] for k in by_sum]   # the default: summed over the reply's tokens
-    assert adapt.classify(model, tok, questions, z=z, reduce="mean") == [adapt.LABELS[k] for k in by_mean]
+    assert with_z == [cls.LABELS[k] for k in by_sum]   # the default: summed over the reply's tokens
+    assert adapt.classify(model, tok, questions, z=z, reduce="mean") == [cls.LABELS[k] for k in by_mean]
     assert all(m.merged is None for m in svf.wrappers(model).values())
     assert adapt.classify(model, tok, questions, z=z, share_prefix=False) == with_z  # bench.py's "in full" peer
 
 
 def test_the_first_pass_reads_the_opening_of_a_long_question(monkeypatch):
-    monkeypatch.setattr(adapt, "CLASSIFY_CHARS", 40)  # the tiny model's context is 512 characters
+    monkeypatch.setattr(cls, "CLASSIFY_CHARS", 40)  # the tiny model's context is 512 characters
     model, tok = tiny_model(), CharTokenizer()
     long = "write a function that adds two numbers. " * 30
-    assert adapt.classify_messages(long)[-1]["content"] == long[:40]
+    assert cls.classify_messages(long)[-1]["content"] == long[:40]
     assert adapt.classify(model, tok, [long]) == adapt.classify(model, tok, [long[:40]])
 
 
@@ -135,18 +136,18 @@ def test_two_pass_equals_each_prompt_alone_with_its_expert():
                "base": None}
     labels = adapt.classify(model, tok, [p["question"] for p in problems])  # a real first pass...
     choice = adapt.dispatch(labels)[:3] + ["gsm8k", "mbpp", "arc_easy", "base"]  # ...plus every expert for sure
-    outs = evaluation.answer(model, tok, task, problems, experts, choice, batch_size=3, max_new_tokens=0)
+    outs = adapt.second_pass(model, tok, task, problems, experts, choice, batch_size=3, max_new_tokens=0)
     for p, name, c in zip(problems, choice, outs):
         svf.use_expert(model, experts[name])
         [alone] = generate(model, tok, [tok.encode_chat(task.messages(p))], task.max_new_tokens)
         assert c.tokens == alone.tokens, name
     svf.use_expert(model, None)
-    base = evaluation.answer(model, tok, task, problems, experts, ["base"] * 7, batch_size=3, max_new_tokens=0)
+    base = adapt.second_pass(model, tok, task, problems, experts, ["base"] * 7, batch_size=3, max_new_tokens=0)
     assert [c.tokens for c in base[3:6]] != [c.tokens for c in outs[3:6]]  # the experts do change the answers
 
 
 def test_composed_weights_are_never_shared_between_models_or_experts():
-    """eval.answer keeps composed experts for the next task; they were kept in one process-wide dict
+    """adapt.second_pass keeps composed experts for the next task; they were kept in one process-wide dict
     keyed by the expert's name, so a second model, or another expert of the same name, got them."""
     (a, b), tok, task, problems = (tiny_model(0), tiny_model(1)), CharTokenizer(), EchoTask(), toy_problems(3)
 
@@ -157,7 +158,7 @@ def test_composed_weights_are_never_shared_between_models_or_experts():
         return [c.tokens for c in outs]
 
     def answered(model, z):
-        outs = evaluation.answer(model, tok, task, problems, {"gsm8k": z}, ["gsm8k"] * 3, batch_size=3,
+        outs = adapt.second_pass(model, tok, task, problems, {"gsm8k": z}, ["gsm8k"] * 3, batch_size=3,
                                  max_new_tokens=0)
         return [c.tokens for c in outs]
 
@@ -175,7 +176,7 @@ def test_an_adapter_answers_like_the_lora_model_alone():
     lora.attach(model, lora.LoRAConfig(rank=2))
     params = lora.init_params(model, seed=1)
     params = {n: v + 0.3 * torch.randn_like(v) if n.endswith(".B") else v for n, v in params.items()}  # not B = 0
-    outs = evaluation.answer(model, tok, task, problems, {"adapter:x": params}, ["adapter:x"] * 4, 3, 0)
+    outs = adapt.second_pass(model, tok, task, problems, {"adapter:x": params}, ["adapter:x"] * 4, 3, 0)
     assert all(m.merged is None for m in lora.wrappers(model).values())  # back to the base model
     base = [generate(model, tok, [tok.encode_chat(task.messages(p))], task.max_new_tokens)[0] for p in problems]
     for i, p in enumerate(problems):  # independent: the LoRA path computed unmerged, one prompt at a time
@@ -213,7 +214,7 @@ def test_likelihood_answers_are_the_likeliest_option():
     task, problems = ChoiceTask(), toy_problems(5)
     expert = random_expert(model, 3)
     for experts, name in (({"base": None}, "base"), ({"e": expert}, "e")):
-        outs = evaluation.answer(model, tok, task, problems, experts, [name] * 5, 2, 0, how="likelihood")
+        outs = adapt.second_pass(model, tok, task, problems, experts, [name] * 5, 2, 0, how="likelihood")
         svf.use_expert(model, experts[name])
         for p, out in zip(problems, outs):
             assert out.text == task.option_responses(p)[int(plain_option_scores(model, tok, task, p).argmax())]
@@ -320,9 +321,9 @@ def test_shots_never_appear_among_the_scored_problems(task_name, source):
     shots, scored = adapt.pick_shots(task_name, "test", problems, 10, seed=0)
     assert len(shots) == 10 and len({s["id"] for s in shots}) == 10
     assert {s["id"] for s in shots} <= {p["id"] for p in data.load(task_name, source)}
-    shot_questions = {adapt.normalise(s["question"]) for s in shots}
+    shot_questions = {cls.normalise(s["question"]) for s in shots}
     assert not {s["id"] for s in shots} & {p["id"] for p in scored}
-    assert not shot_questions & {adapt.normalise(p["question"]) for p in scored}
+    assert not shot_questions & {cls.normalise(p["question"]) for p in scored}
     if source == "test":
         assert len(scored) == len(problems) - 10
     assert adapt.pick_shots(task_name, "test", problems, 10, seed=0)[0] == shots  # seeded
@@ -332,7 +333,7 @@ def test_shots_never_appear_among_the_scored_problems(task_name, source):
     spare = [p for p in problems if p["id"] not in {q["id"] for q in subset}]
     shots, scored = adapt.pick_shots(task_name, "test", subset, 10, seed=0, spare=spare)
     assert not {s["id"] for s in shots} & {p["id"] for p in scored}
-    assert not {adapt.normalise(s["question"]) for s in shots} & {adapt.normalise(p["question"]) for p in scored}
+    assert not {cls.normalise(s["question"]) for s in shots} & {cls.normalise(p["question"]) for p in scored}
     assert {s["id"] for s in shots} <= {p["id"] for p in (spare if source == "test" else data.load(task_name, source))}
     assert len(scored) >= 48  # only a duplicate question text may leave the subset
 
@@ -366,8 +367,8 @@ def test_cls_training_data_holds_no_evaluation_question():
                     held_out_ids.add(p["id"])
                     held_out_questions.add(" ".join(p["question"].split()).lower())
     for split in ("train", "validation"):
-        problems = adapt.cls_problems(split)
-        sources = {p["id"]: p for name in adapt.LABEL_TO_EXPERT.values() for p in data.load(name, split)}
+        problems = cls.cls_problems(split)
+        sources = {p["id"]: p for name in cls.LABEL_TO_EXPERT.values() for p in data.load(name, split)}
         for p in problems:
             source = sources[p["source_id"]]  # from this split of a training task, and nowhere else
             assert p["source_id"] not in held_out_ids
@@ -377,7 +378,7 @@ def test_cls_training_data_holds_no_evaluation_question():
         counts = {label: sum(p["answer"] == label for p in problems) for label in ("math", "code", "reasoning")}
         assert len(set(counts.values())) == 1, counts  # balanced
     with pytest.raises(ValueError, match="train and validation"):
-        adapt.cls_problems("test")
+        cls.cls_problems("test")
 
 
 def test_the_first_pass_reads_the_question_asked_not_the_task_template(monkeypatch):
@@ -387,8 +388,8 @@ def test_the_first_pass_reads_the_question_asked_not_the_task_template(monkeypat
     monkeypatch.setattr(adapt, "classify", lambda model, tok, questions, *a, **k: seen.append(questions)
                         or ["math"] * len(questions))
     problems = data.load("arc_challenge", "test")[:3]
-    choice, _, labels = evaluation.first_pass(None, None, data.TASKS["arc_challenge"], problems, "prompt",
-                                              {n: None for n in evaluation.DOMAIN_EXPERTS}, [], 0, 0, False,
+    choice, _, labels = adapt.first_pass(None, None, data.TASKS["arc_challenge"], problems, "prompt",
+                                              {n: None for n in adapt.DOMAIN_EXPERTS}, [], 0, 0, False,
                                               "likelihood", 4, 0, None)
     assert seen == [[p["question"] for p in problems]] and choice == ["gsm8k"] * 3
 
@@ -396,31 +397,31 @@ def test_the_first_pass_reads_the_question_asked_not_the_task_template(monkeypat
 def test_the_cls_expert_trains_on_the_scores_the_first_pass_reads():
     model, tok = tiny_model(), CharTokenizer()
     problems = [{"question": q, "answer": "math"} for q in ("what is 2 + 2?", "write a function")]
-    trained = torch.stack(replies.option_logits(model, tok, adapt.CLS_TASK, problems, 1.0))
+    trained = torch.stack(replies.option_logits(model, tok, cls.CLS_TASK, problems, 1.0))
     read = adapt.label_logprobs(model, tok, [p["question"] for p in problems])
     torch.testing.assert_close(trained, read.to(trained.dtype))
 
 
 def test_cls_task_rewards_the_right_label():
-    p = adapt.cls_problems("validation")[0]
-    task = adapt.CLS_TASK
+    p = cls.cls_problems("validation")[0]
+    task = cls.CLS_TASK
     assert task.score(p, task.reference_response(p))
     assert not task.score(p, "\\boxed{other}") and not task.score(p, "no idea")
-    assert task.messages(p)[0]["content"] == adapt.CLASSIFY_SYSTEM and task.messages(p)[-1]["content"] == p["question"]
+    assert task.messages(p)[0]["content"] == cls.CLASSIFY_SYSTEM and task.messages(p)[-1]["content"] == p["question"]
 
 
 def test_cls_task_runs_in_the_reinforce_trainer():
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**{**TINY.__dict__, "max_seq_len": 2048})).double().eval().requires_grad_(False)
     svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
-    problems = adapt.cls_problems("validation")[:2]
+    problems = cls.cls_problems("validation")[:2]
     cfg = rl.TrainConfig(task="cls", batch_size=2, samples=2, micro_batch=4)
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
-    stats = rl.train_step(model, CharTokenizer(), adapt.CLS_TASK, problems, z, opt, cfg, gen)
-    assert 0 <= stats["accuracy"] <= 1 and stats["tokens"] <= 4 * adapt.CLS_TASK.max_new_tokens
-    assert 0 <= rl.validate(model, CharTokenizer(), adapt.CLS_TASK, problems, z, batch=2) <= 1
+    stats = rl.train_step(model, CharTokenizer(), cls.CLS_TASK, problems, z, opt, cfg, gen)
+    assert 0 <= stats["accuracy"] <= 1 and stats["tokens"] <= 4 * cls.CLS_TASK.max_new_tokens
+    assert 0 <= rl.validate(model, CharTokenizer(), cls.CLS_TASK, problems, z, batch=2) <= 1
 
 
 
@@ -431,7 +432,7 @@ def test_routing_confusion_matrices_count_each_question_once(tmp_path, monkeypat
     labels = ["math", "code", "reasoning"]
     toy = [{"id": f"cls/{i}", "question": f"question {i} " + "xyz"[i % 3] * (i % 5), "answer": labels[i % 3]}
            for i in range(12)]
-    monkeypatch.setattr(adapt, "cls_problems", lambda split: toy)
+    monkeypatch.setattr(cls, "cls_problems", lambda split: toy)
     z = {n: 1 + 3 * (v - 1) for n, v in random_expert(model, 0).items()}  # one that reads "code" here
     summary = evaluation.routing(model, tok, z, 0, 0, 4, tmp_path, "python eval.py --routing")
     questions = [p["question"] for p in toy]
@@ -440,7 +441,7 @@ def test_routing_confusion_matrices_count_each_question_once(tmp_path, monkeypat
         got = summary[strategy]
         for t in labels:
             assert got["confusion"][t] == {label: sum(r == label and p["answer"] == t for r, p in zip(read, toy))
-                                           for label in adapt.LABELS}
+                                           for label in cls.LABELS}
         assert got["correct"] == sum(r == p["answer"] for r, p in zip(read, toy))
     assert summary["prompt"]["confusion"] != summary["cls"]["confusion"]  # the expert reads differently
     assert (tmp_path / "routing" / "summary.json").exists()
@@ -518,7 +519,7 @@ def test_a_fewshot_evaluation_interrupted_in_its_search_resumes_it(tmp_path, mon
     monkeypatch.setitem(data.TASKS, "echo", ScoredEchoTask())
     monkeypatch.setitem(data.SPLITS, "echo", {"test": 7})
     monkeypatch.setattr(data, "load", lambda name, split: toy_problems(7))
-    loaded = {n: random_expert(model, i) for i, n in enumerate(evaluation.DOMAIN_EXPERTS)}
+    loaded = {n: random_expert(model, i) for i, n in enumerate(adapt.DOMAIN_EXPERTS)}
     kw = dict(model=model, tokenizer=tok, task_name="echo", strategy="fewshot", loaded=loaded, split="test",
               limit=0, seed=0, batch_size=4, max_new_tokens=0, workers=1, command="test", shots=2, generations=3,
               population=2, per_layer=False, classify="likelihood")

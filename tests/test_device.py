@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import adapt
+from data import cls
 import checkpoint
 import lora
 import options
@@ -316,9 +317,9 @@ def plain_label_scores(ref, tok, questions: list[str]) -> torch.Tensor:
     and label: one unpadded float64 forward pass per (question, label), on the CPU. (questions, labels)"""
     scores = []
     for q in questions:
-        p = tok.encode_chat(adapt.classify_messages(q))
+        p = tok.encode_chat(cls.classify_messages(q))
         row = []
-        for r in (tok.encode(f"\\boxed{{{label}}}") for label in adapt.LABELS):
+        for r in (tok.encode(f"\\boxed{{{label}}}") for label in cls.LABELS):
             with torch.no_grad():
                 logp = torch.log_softmax(ref(torch.tensor([p + r]))[0, len(p) - 1:-1], -1)
             row.append(logp.gather(-1, torch.tensor(r)[:, None]).sum())
@@ -334,7 +335,7 @@ def test_classification_reads_the_likeliest_label_on_the_device(folder, device, 
     svf.attach(ref, svf.decompose(ref, "mlp", cache=False))
     questions = ["what is 2 + 2?", "write a function that sorts a list", "which gas do plants take in?",
                  "name a prime number"]
-    lengths = torch.tensor([len(tok.encode(f"\\boxed{{{label}}}")) for label in adapt.LABELS])
+    lengths = torch.tensor([len(tok.encode(f"\\boxed{{{label}}}")) for label in cls.LABELS])
     z = random_z(model, 7)
     for expert in (None, z):
         got = adapt.label_logprobs(model, tok, questions, z=expert, batch_size=3)
@@ -344,9 +345,9 @@ def test_classification_reads_the_likeliest_label_on_the_device(folder, device, 
         np.testing.assert_allclose(got.numpy(), scores.numpy(), rtol=SUM_RTOL[dtype])
         for reduce, read in (("sum", scores), ("mean", scores / lengths)):  # classify's two readings
             labels = adapt.classify(model, tok, questions, z=expert, batch_size=3, reduce=reduce)
-            picked = read[range(len(questions)), [adapt.LABELS.index(label) for label in labels]]
+            picked = read[range(len(questions)), [cls.LABELS.index(label) for label in labels]]
             if dtype == "float32":
-                assert labels == [adapt.LABELS[k] for k in read.argmax(1).tolist()], reduce
+                assert labels == [cls.LABELS[k] for k in read.argmax(1).tolist()], reduce
             else:  # bfloat16 may swap two labels whose scores are within its rounding
                 tol = LOGPROB_TOL[dtype] * (1 if reduce == "mean" else lengths.max().item())
                 assert (read.max(1).values - picked).max() < tol, reduce
