@@ -42,6 +42,7 @@ import random
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,14 +55,59 @@ import data
 import lora
 import svf
 from checkpoint import load
-from cli import fail
+from cli import fail, option
 from data import cls
 from model import Completion
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # the LoRA baselines shipped with the repo
-DOMAIN_EXPERTS = list(cls.LABEL_TO_EXPERT.values())     # gsm8k (math), mbpp (code), arc_easy (reasoning)
+DOMAIN_EXPERTS = adapt.DOMAIN_EXPERTS  # gsm8k (math), mbpp (code), arc_easy (reasoning)
+
+
+@dataclass
+class EvalConfig:
+    task: str = option("unseen", f"a task ({', '.join(data.SPLITS)}), several joined by commas, "
+                       f"'all', or 'unseen' ({', '.join(UNSEEN)})")
+    strategy: str = option("base", "base, prompt, cls, fewshot or expert:NAME (see above)")
+    split: str = option("test", "split to evaluate")
+    limit: int = option(0, "a seeded random subset of this many problems (0: all)",
+                        cli.non_negative_int)
+    seed: int = option(0, "seed of the subset and of everything random", cli.seed)
+    batch_size: int = option(16, "prompts per generation batch", cli.positive_int)
+    max_new_tokens: int = option(0, "0: each task's own budget", cli.non_negative_int)
+    workers: int = option(4, "parallel sandboxes for code tasks", cli.positive_int)
+    experts_dir: str | None = option(None, "where expert NAME is NAME.safetensors (gsm8k, mbpp, "
+                                     "arc_easy, cls; default: the repository's experts/)",
+                                     cli.existing_folder)
+    classify: str = option("likelihood", "prompt/cls: score the four replies \\boxed{label} by "
+                           "likelihood, or generate one and parse it",
+                           choices=("likelihood", "generate"))
+    adapter: str | None = option(None, "evaluate a LoRA adapter: NAME (adapters/NAME.safetensors)"
+                                 " or a .safetensors path (default: none)")
+    answer: str = option("generate", "generate: greedy replies, parsed; likelihood: ARC only, the "
+                         "option likeliest as the reply to the bare question, no generation",
+                         choices=("generate", "likelihood"))
+    resume: bool = option(False, "go on with an interrupted evaluation of the same settings: keep "
+                          "its first pass and the answers it saved "
+                          "(OUT/STRATEGY/TASK/partial.jsonl), skip tasks already done")
+    routing: bool = option(False, "instead of a task: label the training tasks' validation "
+                           "questions with the prompt and the cls first pass, and write their "
+                           "confusion matrices to OUT/routing/ (--limit: a subset)")
+    shots: int = option(10, "fewshot: problems used to fit alpha, then left out",
+                        cli.positive_int)
+    generations: int = option(10, "fewshot: CEM generations (the paper used 50-100; 10 keeps a "
+                              "CPU run short)", cli.positive_int)
+    population: int = option(32, "fewshot: CEM samples per generation", cli.positive_int)
+    per_layer: bool = option(False, "fewshot: one alpha per expert per matrix, as the official "
+                             "code (else one per expert)")
+    model: str | None = option(None, "a .gguf file or Hugging Face folder (default: "
+                               "SmolLM2-135M-Instruct)", cli.model_path)
+    device: str = option("auto", "cpu, cuda, cuda:N or mps (auto: cuda if available)", cli.device)
+    dtype: str = option("auto", "float32, bfloat16 or float16 (auto: float32 on CPU)",
+                        choices=cli.DTYPES)
+    threads: int = option(0, "CPU threads for torch (0: torch's choice)", cli.non_negative_int)
+    out: str = option("runs/eval", "results go to OUT/STRATEGY/TASK/", cli.output_folder)
 
 
 def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -168,10 +214,14 @@ def append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[str, dict], split: str, limit: int,
-                  seed: int, batch_size: int, max_new_tokens: int, workers: int, out_dir: Path, command: str,
-                  shots: int, generations: int, population: int, per_layer: bool, classify: str,
-                  how: str = "generate", resume: bool = False) -> dict:
+def evaluate_task(model, tokenizer, task_name: str, loaded: dict[str, dict], cfg: EvalConfig,
+                  command: str) -> dict:
+    """Both passes over one task's problems, resumable; writes responses.jsonl and summary.json
+    into OUT/STRATEGY/TASK/ and returns the summary."""
+    strategy, split, limit, seed, how = cfg.strategy, cfg.split, cfg.limit, cfg.seed, cfg.answer
+    shots, generations, population = cfg.shots, cfg.generations, cfg.population
+    batch_size, max_new_tokens, resume = cfg.batch_size, cfg.max_new_tokens, cfg.resume
+    per_layer, classify, out_dir = cfg.per_layer, cfg.classify, Path(cfg.out)
     task = data.TASKS[task_name]
     every = data.load(task_name, split)
     problems, shot_problems = subset(every, limit, seed), []
@@ -235,7 +285,7 @@ def evaluate_task(model, tokenizer, task_name: str, strategy: str, loaded: dict[
            max_new_tokens, how, on_batch=keep)
     second_s += time.perf_counter() - t1
     t2 = time.perf_counter()
-    verdicts = task.score_many(problems, [c.text for c in completions], workers=workers)
+    verdicts = task.score_many(problems, [c.text for c in completions], workers=cfg.workers)
     t3 = time.perf_counter()
     extracted = [task.extract(c.text, p) for p, c in zip(problems, completions)]
     correct, n = sum(verdicts), len(problems)
@@ -321,110 +371,74 @@ def load_adapter(model, name: str) -> dict:
         fail(f"{e} (train one: python train.py --task TASK --method lora)")
 
 
-def main(task: str, strategy: str, split: str, limit: int, seed: int, batch_size: int, max_new_tokens: int,
-         workers: int, model: str | None, device: str, dtype: str, threads: int, out: str, shots: int,
-         generations: int, population: int, per_layer: bool, classify: str, experts_dir: str,
-         adapter: str | None, how: str = "generate", routing_only: bool = False, resume: bool = False) -> list[dict]:
-    tasks = list(data.SPLITS) if task == "all" else UNSEEN if task == "unseen" else task.split(",")
+def check(cfg: EvalConfig) -> list[str]:
+    """Every rule the settings must keep, in one place; returns the tasks to evaluate."""
+    tasks = list(data.SPLITS) if cfg.task == "all" else UNSEEN if cfg.task == "unseen" \
+        else cfg.task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
             fail(f"unknown task {t!r} (--task); choose from {', '.join(data.SPLITS)}, all or unseen")
-        if split not in data.SPLITS[t]:
-            fail(f"task {t!r} has no split {split!r} (--split; it has {', '.join(data.SPLITS[t])})")
-    if how == "likelihood" and any(not hasattr(data.TASKS[t], "option_responses") for t in tasks):
+        if cfg.split not in data.SPLITS[t]:
+            fail(f"task {t!r} has no split {cfg.split!r} (--split; it has "
+                 f"{', '.join(data.SPLITS[t])})")
+    if cfg.answer == "likelihood" and any(not hasattr(data.TASKS[t], "option_responses")
+                                          for t in tasks):
         fail("--answer likelihood needs multiple-choice tasks (arc_easy, arc_challenge)")
-    if strategy == "fewshot" and min(shots, generations, population) < 1:
+    if cfg.strategy == "fewshot" and min(cfg.shots, cfg.generations, cfg.population) < 1:
         fail("--shots, --generations and --population must be positive")
-    if adapter and strategy != "base":
+    if cfg.adapter and cfg.strategy != "base":
         fail("--adapter evaluates a LoRA adapter on its own; it goes with --strategy base only")
-    if adapter:  # a missing or corrupt adapter file: named before the model is loaded
-        path = Path(adapter) if adapter.endswith(".safetensors") else ADAPTERS_DIR / f"{adapter}.safetensors"
-        if not path.is_file():
-            fail(f"no adapter {path} (--adapter; train one: python train.py --task TASK --method lora)")
-        try:
-            meta = lora.Adapter.load(path).meta
-        except ValueError as e:
-            fail(str(e))
-        if "lora" not in meta:
-            fail(f"{path} is not a LoRA adapter (no 'lora' config in its metadata); an SVF expert goes with "
-                 f"--strategy expert:{path}")
+    return tasks
+
+
+def check_adapter(adapter: str) -> None:
+    """A missing or corrupt adapter file, named before the model is loaded."""
+    path = Path(adapter) if adapter.endswith(".safetensors") else ADAPTERS_DIR / f"{adapter}.safetensors"
+    if not path.is_file():
+        fail(f"no adapter {path} (--adapter; train one: python train.py --task TASK --method lora)")
     try:
-        needed = ["cls"] if routing_only else adapt.experts_needed(strategy)  # --routing: cls only
+        meta = lora.Adapter.load(path).meta
+    except ValueError as e:
+        fail(str(e))
+    if "lora" not in meta:
+        fail(f"{path} is not a LoRA adapter (no 'lora' config in its metadata); an SVF expert "
+             f"goes with --strategy expert:{path}")
+
+
+def main(cfg: EvalConfig) -> list[dict]:
+    tasks = check(cfg)
+    if cfg.adapter:
+        check_adapter(cfg.adapter)
+    try:
+        needed = ["cls"] if cfg.routing else adapt.experts_needed(cfg.strategy)
     except ValueError as err:
         fail(str(err))
-    paths = resolve_experts(needed, Path(experts_dir))  # fail before loading the model
+    paths = resolve_experts(needed, Path(cfg.experts_dir or EXPERTS_DIR))  # before the model
     expert_targets(paths)  # ... also on a corrupt expert file
     fast.enable()  # the CPU speed path (fast.py)
-    if threads:
-        torch.set_num_threads(threads)
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     command = "python " + " ".join(sys.argv)
     try:
-        net, tokenizer = load(model, device=device, dtype=dtype)
+        net, tokenizer = load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     except (ValueError, FileNotFoundError) as e:  # a model file that is corrupt or not a Llama's
         fail(str(e))
     loaded = load_experts(net, paths)
-    if routing_only:
-        return [routing(net, tokenizer, loaded["cls"], limit, seed, batch_size, Path(out), command)]
-    if adapter:
-        strategy = f"adapter:{adapter}"
-        loaded[strategy] = load_adapter(net, adapter)
+    if cfg.routing:
+        return [routing(net, tokenizer, loaded["cls"], cfg.limit, cfg.seed, cfg.batch_size,
+                        Path(cfg.out), command)]
+    if cfg.adapter:
+        cfg = replace(cfg, strategy=f"adapter:{cfg.adapter}")
+        loaded[cfg.strategy] = load_adapter(net, cfg.adapter)
     try:
-        return [evaluate_task(net, tokenizer, t, strategy, loaded, split, limit, seed, batch_size, max_new_tokens,
-                              workers, Path(out), command, shots, generations, population, per_layer, classify, how,
-                              resume) for t in tasks]
+        return [evaluate_task(net, tokenizer, t, loaded, cfg, command) for t in tasks]
     except KeyboardInterrupt:
-        raise SystemExit(f"\ninterrupted: the answers given so far are kept in {out}/.../{PARTIAL}; "
-                         "run the same command with --resume to go on from there")
+        raise SystemExit(f"\ninterrupted: the answers given so far are kept in "
+                         f"{cfg.out}/.../{PARTIAL}; run the same command with --resume to go on")
 
 
 if __name__ == "__main__":
     p = cli.parser(__doc__)
-    p.add_argument("--task", default="unseen",
-                   help=f"a task ({', '.join(data.SPLITS)}), several joined by commas, 'all', or 'unseen' "
-                        f"({', '.join(UNSEEN)}) (default: unseen)")
-    p.add_argument("--strategy", default="base",
-                   help="base, prompt, cls, fewshot or expert:NAME (see above) (default: base)")
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--limit", type=cli.non_negative_int, default=0,
-                   help="a seeded random subset of this many problems (default: 0, all)")
-    p.add_argument("--seed", type=cli.seed, default=0, help="seed of the subset and of everything random (default: 0)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="prompts per generation batch (default: 16)")
-    p.add_argument("--max-new-tokens", type=cli.non_negative_int, default=0,
-                   help="0: each task's own budget (default: 0)")
-    p.add_argument("--workers", type=cli.positive_int, default=4, help="parallel sandboxes for code tasks (default: 4)")
-    p.add_argument("--experts-dir", type=cli.existing_folder, default=str(EXPERTS_DIR),
-                   help="where expert NAME is NAME.safetensors (gsm8k, mbpp, arc_easy, cls) (default: experts/)")
-    p.add_argument("--classify", default="likelihood", choices=["likelihood", "generate"],
-                   help="prompt/cls: score the four replies \\boxed{label} by likelihood, or generate one and parse "
-                        "it (default: likelihood)")
-    p.add_argument("--adapter", default=None,
-                   help="evaluate a LoRA adapter: NAME (adapters/NAME.safetensors) or a .safetensors path (default: none)")
-    p.add_argument("--answer", dest="how", default="generate", choices=["generate", "likelihood"],
-                   help="generate: greedy replies, parsed; likelihood: ARC only, the option likeliest "
-                        "as the reply to the bare question, no generation (default: generate)")
-    p.add_argument("--resume", action="store_true",
-                   help="go on with an interrupted evaluation of the same settings: keep its first pass and the "
-                        "answers it saved (OUT/STRATEGY/TASK/partial.jsonl), skip tasks already done (default: off)")
-    p.add_argument("--routing", dest="routing_only", action="store_true",
-                   help="instead of a task: label the training tasks' validation questions with the prompt and the "
-                        "cls first pass, and write their confusion matrices to OUT/routing/ (--limit: a subset)")
-    p.add_argument("--shots", type=cli.positive_int, default=10,
-                   help="fewshot: problems used to fit alpha, then left out (default: 10)")
-    p.add_argument("--generations", type=cli.positive_int, default=10,
-                   help="fewshot: CEM generations; the paper used 50-100, 10 keeps a CPU run short (default: 10)")
-    p.add_argument("--population", type=cli.positive_int, default=32,
-                   help="fewshot: CEM samples per generation (default: 32)")
-    p.add_argument("--per-layer", action="store_true",
-                   help="fewshot: one alpha per expert per matrix, as the official code (default: one per expert)")
-    p.add_argument("--model", type=cli.model_path, default=None,
-                   help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", type=cli.device, default="auto",
-                   help="cpu, cuda, cuda:N or mps (default: auto, cuda if available)")
-    p.add_argument("--dtype", choices=cli.DTYPES, default="auto",
-                   help="float32, bfloat16 or float16 (default: auto, float32 on CPU)")
-    p.add_argument("--threads", type=cli.non_negative_int, default=0,
-                   help="CPU threads for torch (default: 0, torch's choice)")
-    p.add_argument("--out", type=cli.output_folder, default="runs/eval",
-                   help="results go to OUT/STRATEGY/TASK/ (default: runs/eval)")
-    main(**vars(p.parse_args()))
+    cli.add_options(p, EvalConfig)
+    main(EvalConfig(**vars(p.parse_args())))

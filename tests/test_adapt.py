@@ -244,11 +244,11 @@ def test_eval_refuses_bad_requests_before_loading_anything():
               generations=1, population=2, per_layer=False, classify="likelihood", experts_dir="experts",
               adapter=None)
     with pytest.raises(SystemExit, match="--answer likelihood needs multiple-choice tasks"):
-        evaluation.main(**{**kw, "task": "arc_easy,gsm8k"}, how="likelihood")
+        evaluation.main(evaluation.EvalConfig(**{**kw, "task": "arc_easy,gsm8k"}, answer="likelihood"))
     with pytest.raises(SystemExit, match="unknown task 'arc'"):
-        evaluation.main(**{**kw, "task": "arc"})
+        evaluation.main(evaluation.EvalConfig(**{**kw, "task": "arc"}))
     with pytest.raises(SystemExit, match="unknown strategy"):
-        evaluation.main(**{**kw, "strategy": "best"})
+        evaluation.main(evaluation.EvalConfig(**{**kw, "strategy": "best"}))
 
 
 # ----------------------------------------------------------------------------- mixing
@@ -457,6 +457,12 @@ class ScoredEchoTask(EchoTask):
         return [self.score(p, r) for p, r in zip(problems, responses)]
 
 
+def evaluate(model, tokenizer, task_name, loaded, command, out_dir, resume=False, **settings):
+    """eval.evaluate_task with the settings of an EvalConfig."""
+    cfg = evaluation.EvalConfig(**settings, out=str(out_dir), resume=resume)
+    return evaluation.evaluate_task(model, tokenizer, task_name, loaded, cfg, command)
+
+
 def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatch):
     import engine  # generate_all calls generate through engine
     model, tok = tiny_model(), CharTokenizer()
@@ -465,7 +471,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatc
     kw = dict(model=model, tokenizer=tok, task_name="echo", strategy="base", loaded={}, split="test", limit=0,
               seed=0, batch_size=2, max_new_tokens=0, workers=1, command="test", shots=10, generations=1,
               population=2, per_layer=False, classify="likelihood")
-    straight = evaluation.evaluate_task(**kw, out_dir=tmp_path / "a")
+    straight = evaluate(**kw, out_dir=tmp_path / "a")
     real_generate, calls = engine.generate, []
 
     def generate_then_interrupt(*args, stop_after=None, **kwargs):  # Ctrl-C during the third batch
@@ -475,15 +481,15 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatc
         return real_generate(*args, **kwargs)
     monkeypatch.setattr(engine, "generate", lambda *a, **k: generate_then_interrupt(*a, stop_after=2, **k))
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate_task(**kw, out_dir=tmp_path / "b")
+        evaluate(**kw, out_dir=tmp_path / "b")
     partial = tmp_path / "b" / "base" / "echo" / evaluation.PARTIAL
     with open(partial, "a") as f:
         f.write('{"answer": {"id": "toy/6", "exp')  # a line cut short as the process died
     with pytest.raises(SystemExit, match="other settings \\(limit\\)"):
-        evaluation.evaluate_task(**{**kw, "limit": 5}, out_dir=tmp_path / "b", resume=True)
+        evaluate(**{**kw, "limit": 5}, out_dir=tmp_path / "b", resume=True)
     calls.clear()
     monkeypatch.setattr(engine, "generate", generate_then_interrupt)
-    resumed = evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True)
+    resumed = evaluate(**kw, out_dir=tmp_path / "b", resume=True)
     assert sum(calls) == 3  # only the 3 problems the interrupted run had not answered
     assert not partial.exists() and resumed["resumed"] and not straight["resumed"]
     read = lambda d: [json.loads(l) for l in (d / "base" / "echo" / "responses.jsonl").read_text().splitlines()]
@@ -491,7 +497,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path, monkeypatc
     assert {k: resumed[k] for k in ("n", "correct", "generated_tokens")} == \
         {k: straight[k] for k in ("n", "correct", "generated_tokens")}
     calls.clear()  # once finished, --resume skips the task
-    assert evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True) == resumed and not calls
+    assert evaluate(**kw, out_dir=tmp_path / "b", resume=True) == resumed and not calls
 
 
 def test_an_interrupted_cem_search_goes_on_exactly_where_it_stopped():
@@ -523,7 +529,7 @@ def test_a_fewshot_evaluation_interrupted_in_its_search_resumes_it(tmp_path, mon
     kw = dict(model=model, tokenizer=tok, task_name="echo", strategy="fewshot", loaded=loaded, split="test",
               limit=0, seed=0, batch_size=4, max_new_tokens=0, workers=1, command="test", shots=2, generations=3,
               population=2, per_layer=False, classify="likelihood")
-    straight = evaluation.evaluate_task(**kw, out_dir=tmp_path / "a")
+    straight = evaluate(**kw, out_dir=tmp_path / "a")
     real_generate, calls, interrupted = adapt.generate, [], []
 
     def generate_then_interrupt(*args, **kwargs):  # the search's 4th candidate (generation 2), once
@@ -534,9 +540,9 @@ def test_a_fewshot_evaluation_interrupted_in_its_search_resumes_it(tmp_path, mon
         return real_generate(*args, **kwargs)
     monkeypatch.setattr(adapt, "generate", generate_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate_task(**kw, out_dir=tmp_path / "b")
+        evaluate(**kw, out_dir=tmp_path / "b")
     calls.clear()
-    resumed = evaluation.evaluate_task(**kw, out_dir=tmp_path / "b", resume=True)
+    resumed = evaluate(**kw, out_dir=tmp_path / "b", resume=True)
     assert len(calls) == 3 + 3  # generations 2 and 3 only (2 samples and the previous best each)
     report = lambda d: json.loads((d / "fewshot" / "echo" / "fewshot.json").read_text())
     strip = lambda r: {**r, "history": [{k: v for k, v in h.items() if k != "seconds"} for h in r["history"]]}
