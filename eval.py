@@ -53,6 +53,7 @@ import cli
 import fast
 import data
 import lora
+import results
 import svf
 from checkpoint import load
 from cli import fail, option
@@ -69,7 +70,9 @@ DOMAIN_EXPERTS = adapt.DOMAIN_EXPERTS  # gsm8k (math), mbpp (code), arc_easy (re
 class EvalConfig:
     task: str = option("unseen", f"a task ({', '.join(data.SPLITS)}), several joined by commas, "
                        f"'all', or 'unseen' ({', '.join(UNSEEN)})")
-    strategy: str = option("base", "base, prompt, cls, fewshot or expert:NAME (see above)")
+    strategy: str = option("base", "base, prompt, cls, fewshot or expert:NAME (see above); "
+                           "several joined by commas are evaluated on the same problems and "
+                           "compared with the first (paired, McNemar)")
     split: str = option("test", "split to evaluate")
     limit: int = option(0, "a seeded random subset of this many problems (0: all)",
                         cli.non_negative_int)
@@ -214,6 +217,12 @@ def append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def task_folder(cfg: EvalConfig, task_name: str) -> Path:
+    """OUT/STRATEGY/TASK, with -likelihood after the strategy when answers are read so."""
+    folder = cfg.strategy.replace(":", "-").replace("/", "_")
+    return Path(cfg.out) / (folder + ("-likelihood" if cfg.answer == "likelihood" else "")) / task_name
+
+
 def evaluate_task(model, tokenizer, task_name: str, loaded: dict[str, dict], cfg: EvalConfig,
                   command: str) -> dict:
     """Both passes over one task's problems, resumable; writes responses.jsonl and summary.json
@@ -221,7 +230,7 @@ def evaluate_task(model, tokenizer, task_name: str, loaded: dict[str, dict], cfg
     strategy, split, limit, seed, how = cfg.strategy, cfg.split, cfg.limit, cfg.seed, cfg.answer
     shots, generations, population = cfg.shots, cfg.generations, cfg.population
     batch_size, max_new_tokens, resume = cfg.batch_size, cfg.max_new_tokens, cfg.resume
-    per_layer, classify, out_dir = cfg.per_layer, cfg.classify, Path(cfg.out)
+    per_layer, classify = cfg.per_layer, cfg.classify
     task = data.TASKS[task_name]
     every = data.load(task_name, split)
     problems, shot_problems = subset(every, limit, seed), []
@@ -229,8 +238,7 @@ def evaluate_task(model, tokenizer, task_name: str, loaded: dict[str, dict], cfg
         scored = {p["id"] for p in problems}
         spare = [p for p in every if p["id"] not in scored]
         shot_problems, problems = adapt.pick_shots(task_name, split, problems, shots, seed, spare)
-    folder = strategy.replace(":", "-").replace("/", "_") + ("-likelihood" if how == "likelihood" else "")
-    out = out_dir / folder / task_name
+    out = task_folder(cfg, task_name)
     out.mkdir(parents=True, exist_ok=True)
     # what makes two runs the same evaluation, so that --resume continues only the same one
     run = {"task": task_name, "strategy": strategy, "answer": how, "split": split, "limit": limit, "seed": seed,
@@ -409,8 +417,10 @@ def main(cfg: EvalConfig) -> list[dict]:
     tasks = check(cfg)
     if cfg.adapter:
         check_adapter(cfg.adapter)
+    strategies = cfg.strategy.split(",")
     try:
-        needed = ["cls"] if cfg.routing else adapt.experts_needed(cfg.strategy)
+        needed = ["cls"] if cfg.routing else list(dict.fromkeys(
+            n for s in strategies for n in adapt.experts_needed(s)))
     except ValueError as err:
         fail(str(err))
     paths = resolve_experts(needed, Path(cfg.experts_dir or EXPERTS_DIR))  # before the model
@@ -432,10 +442,17 @@ def main(cfg: EvalConfig) -> list[dict]:
         cfg = replace(cfg, strategy=f"adapter:{cfg.adapter}")
         loaded[cfg.strategy] = load_adapter(net, cfg.adapter)
     try:
-        return [evaluate_task(net, tokenizer, t, loaded, cfg, command) for t in tasks]
+        done = [evaluate_task(net, tokenizer, t, loaded, replace(cfg, strategy=s), command)
+                for s in strategies for t in tasks]
     except KeyboardInterrupt:
         raise SystemExit(f"\ninterrupted: the answers given so far are kept in "
                          f"{cfg.out}/.../{PARTIAL}; run the same command with --resume to go on")
+    for s in strategies[1:]:  # each strategy against the first, on the same problems
+        for t in tasks:
+            first, other = (task_folder(replace(cfg, strategy=x), t) for x in (strategies[0], s))
+            print(f"{t}: " + results.compare(s, {"dir": first}, {"dir": other})
+                  .replace("vs base", f"vs {strategies[0]}"), flush=True)
+    return done
 
 
 if __name__ == "__main__":

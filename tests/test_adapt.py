@@ -1,5 +1,6 @@
 """adapt.py and eval.py's two passes (paper section 3.2): classification, dispatch, CEM, few-shot mixing."""
 import json
+from dataclasses import replace
 import pytest
 import torch
 
@@ -549,3 +550,39 @@ def test_a_fewshot_evaluation_interrupted_in_its_search_resumes_it(tmp_path, mon
     assert strip(report(tmp_path / "b")) == strip(report(tmp_path / "a"))
     read = lambda d: (d / "fewshot" / "echo" / "responses.jsonl").read_text()
     assert read(tmp_path / "b") == read(tmp_path / "a") and resumed["resumed"] and not straight["resumed"]
+
+
+def test_several_strategies_are_compared_on_the_same_problems(tmp_path, monkeypatch, capsys):
+    """eval.py --strategy base,expert:E evaluates both on the same problems and prints the paired
+    difference, with the exact McNemar p worked here from the two responses.jsonl files."""
+    import math
+    class ParityTask(ScoredEchoTask):  # right when the reply opens with ")" on even ids only
+        def score(self, problem, response):
+            return (response[:1] == ")") == (int(problem["id"].split("/")[-1]) % 2 == 0)
+
+    model, tok = tiny_model(), CharTokenizer()
+    monkeypatch.setitem(data.TASKS, "echo", ParityTask())
+    monkeypatch.setitem(data.SPLITS, "echo", {"test": 12})
+    monkeypatch.setattr(data, "load", lambda name, split: toy_problems(12))
+    monkeypatch.setattr(evaluation, "load", lambda *a, **k: (model, tok))
+    path = tmp_path / "e.safetensors"
+    svf.Expert(random_expert(model, 1), {"targets": "mlp", "base_model": svf.model_fingerprint(model)}
+               ).save(path)
+    cfg = evaluation.EvalConfig(task="echo", strategy=f"base,expert:{path}", batch_size=4,
+                                workers=1, out=str(tmp_path / "out"))
+    base, expert = evaluation.main(cfg)
+    assert base["strategy"] == "base" and expert["strategy"] == f"expert:{path}" and base["n"] == 12
+    read = lambda s: {json.loads(l)["id"]: json.loads(l)["correct"] for l in
+                      (evaluation.task_folder(replace(cfg, strategy=s), "echo") / "responses.jsonl")
+                      .read_text().splitlines()}
+    a, b = read("base"), read(f"expert:{path}")
+    assert set(a) == set(b) and len(a) == 12
+    better = sum(b[i] and not a[i] for i in a)
+    worse = sum(a[i] and not b[i] for i in a)
+    n = better + worse
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(better, worse) + 1)) / 2 ** n)
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("echo: ")][-1]
+    assert n > 0  # the expert changes some verdicts: a difference to test
+    assert f"({better} better, {worse} worse)" in line
+    assert f"{100 * (better - worse) / 12:+.1f} points" in line
+    assert (f"p = {p:.3f}" if p >= 0.001 else "p < 0.001") in line
