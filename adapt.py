@@ -24,9 +24,9 @@ answers the question instead), so by default classify() scores the four possible
 (replies.reply_logprobs: one forward pass in which the prompt is computed once and the four
 replies branch off it), and never an unparsable answer.
 Training the classification expert raises the probability of the right reply "\\boxed{math}",
-which is exactly what this reading compares (see Classification for the rollouts it needs).
+which is exactly what this reading compares (data/cls.py says which rollouts it needs).
 
-Fixes to the official code (PAPER.md section 5): "other" really resets to the base model; the
+Fixes to the official code (the paper's known pitfalls): "other" really resets to the base model; the
 classification expert never sees an evaluation question; mixing happens in the space z was
 trained in (svf.mix on plain z), and a mixture of near-identity experts is the base model, not a
 rescaled one.

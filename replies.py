@@ -24,7 +24,7 @@ def common_prefix(prompts: list[list[int]]) -> int:
 def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
     """Indices grouped for forward/backward passes: rows of similar length together, at most max_rows
     rows and max_tokens padded tokens (rows x the longest) in each, so that memory stays bounded
-    when one prompt is long (an MBPP prompt with its test data runs to 1,800 tokens)."""
+    when one prompt is long (code prompts with their tests run long)."""
     groups: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):    # longest first: it sets the width
         g = groups[-1] if groups else None
