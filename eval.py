@@ -223,106 +223,160 @@ def task_folder(cfg: EvalConfig, task_name: str) -> Path:
     return Path(cfg.out) / (folder + ("-likelihood" if cfg.answer == "likelihood" else "")) / task_name
 
 
-def evaluate_task(model, tokenizer, task_name: str, loaded: dict[str, dict], cfg: EvalConfig,
-                  command: str) -> dict:
-    """Both passes over one task's problems, resumable; writes responses.jsonl and summary.json
-    into OUT/STRATEGY/TASK/ and returns the summary."""
-    strategy, split, limit, seed, how = cfg.strategy, cfg.split, cfg.limit, cfg.seed, cfg.answer
-    shots, generations, population = cfg.shots, cfg.generations, cfg.population
-    batch_size, max_new_tokens, resume = cfg.batch_size, cfg.max_new_tokens, cfg.resume
-    per_layer, classify = cfg.per_layer, cfg.classify
-    task = data.TASKS[task_name]
-    every = data.load(task_name, split)
-    problems, shot_problems = subset(every, limit, seed), []
-    if strategy == "fewshot":  # shots from outside the scored subset when possible: the same problems as base
-        scored = {p["id"] for p in problems}
-        spare = [p for p in every if p["id"] not in scored]
-        shot_problems, problems = adapt.pick_shots(task_name, split, problems, shots, seed, spare)
-    out = task_folder(cfg, task_name)
-    out.mkdir(parents=True, exist_ok=True)
-    # what makes two runs the same evaluation, so that --resume continues only the same one
-    run = {"task": task_name, "strategy": strategy, "answer": how, "split": split, "limit": limit, "seed": seed,
-           "max_new_tokens": max_new_tokens, "base_model": svf.model_fingerprint(model),
-           **({"shots": shots, "generations": generations, "population": population, "per_layer": per_layer}
-              if strategy == "fewshot" else {}), **({"classify": classify} if strategy in ("prompt", "cls") else {})}
-    if resume and (out / "summary.json").exists() and not (out / PARTIAL).exists():
-        done = json.loads((out / "summary.json").read_text())
-        if done.get("run") == run:
-            print(f"{task_name}: already evaluated in {out} (--resume)", flush=True)
-            return done
-    first, saved, searched = resume_from(out / PARTIAL, run, resume)
-    resumed = first is not None or bool(searched)
+def task_problems(cfg: EvalConfig, task_name: str) -> tuple[list[dict], list[dict]]:
+    """The scored problems (a seeded subset) and, for fewshot, its shots: from outside the scored
+    subset when possible, so that the scored problems are base's."""
+    every = data.load(task_name, cfg.split)
+    problems = subset(every, cfg.limit, cfg.seed)
+    if cfg.strategy != "fewshot":
+        return problems, []
+    scored = {p["id"] for p in problems}
+    spare = [p for p in every if p["id"] not in scored]
+    return adapt.pick_shots(task_name, cfg.split, problems, cfg.shots, cfg.seed, spare)
+
+
+def run_key(cfg: EvalConfig, task_name: str, model) -> dict:
+    """What makes two runs the same evaluation, so that --resume continues only the same one."""
+    fewshot = {"shots": cfg.shots, "generations": cfg.generations, "population": cfg.population,
+               "per_layer": cfg.per_layer}
+    return {"task": task_name, "strategy": cfg.strategy, "answer": cfg.answer, "split": cfg.split,
+            "limit": cfg.limit, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens,
+            "base_model": svf.model_fingerprint(model),
+            **(fewshot if cfg.strategy == "fewshot" else {}),
+            **({"classify": cfg.classify} if cfg.strategy in ("prompt", "cls") else {})}
+
+
+def first_pass(model, tokenizer, task, problems, shot_problems, loaded, cfg: EvalConfig,
+               out: Path, first: dict | None, searched: list[dict]):
+    """adapt.first_pass, saved to partial.jsonl as it goes; or, resumed, what it saved (and
+    few-shot's z' from its file). Returns the first pass's record and the experts."""
+    if first is not None:
+        experts = adapt.strategy_experts(cfg.strategy, loaded)
+        if cfg.strategy == "fewshot":
+            experts = {adapt.fewshot_name(task): svf.Expert.load(out / "fewshot.safetensors",
+                                                                 model).z}
+        return first, experts
     t0 = time.perf_counter()
-    if first is None:
-        choice, experts, labels = adapt.first_pass(model, tokenizer, task, problems, strategy, loaded, shot_problems,
-                                             generations, population, per_layer, classify, batch_size, seed, out, how,
-                                             searched, lambda stats: append_line(out / PARTIAL, {"cem": stats}))
-        seconds = time.perf_counter() - t0 + sum(h["seconds"] for h in searched)  # with the search's earlier part
-        first = {"seconds": seconds, "choice": choice, "labels": labels}
-        append_line(out / PARTIAL, {"first_pass": first})
-    else:  # resumed: the first pass's decisions, and few-shot's z' from its file
-        choice, labels, experts = first["choice"], first["labels"], adapt.strategy_experts(strategy, loaded)
-        if strategy == "fewshot":
-            experts = {adapt.fewshot_name(task): svf.Expert.load(out / "fewshot.safetensors", model).z}
-    # the second pass, for the problems that an interrupted run did not answer
+    choice, experts, labels = adapt.first_pass(
+        model, tokenizer, task, problems, cfg.strategy, loaded, shot_problems, cfg.generations,
+        cfg.population, cfg.per_layer, cfg.classify, cfg.batch_size, cfg.seed, out, cfg.answer,
+        searched, lambda stats: append_line(out / PARTIAL, {"cem": stats}))
+    # with the time of the search's earlier part, when it was resumed
+    seconds = time.perf_counter() - t0 + sum(h["seconds"] for h in searched)
+    first = {"seconds": seconds, "choice": choice, "labels": labels}
+    append_line(out / PARTIAL, {"first_pass": first})
+    return first, experts
+
+
+def second_pass(model, tokenizer, task, problems, experts, choice, saved, cfg: EvalConfig,
+                out: Path) -> tuple[list[Completion], float, int]:
+    """adapt.second_pass for the problems an interrupted run did not answer, each batch saved
+    to partial.jsonl as it is done. Returns the completions, their seconds and how many were
+    saved before."""
     completions: list[Completion | None] = [None] * len(problems)
-    second_s = 0.0
+    seconds = 0.0
     for i, p in enumerate(problems):
         r = saved.get(p["id"])
         if r is not None and r["expert"] == choice[i]:
             completions[i] = Completion(r["tokens"], r["text"], finish=r["finish"])
-            second_s += r["seconds"]
+            seconds += r["seconds"]
     todo = [i for i, c in enumerate(completions) if c is None]
-    if resumed:
-        print(f"{task_name}: resumed in {out}: " + (f"{len(searched)} CEM generations, " if searched else "") +
-              f"{len(problems) - len(todo)} of {len(problems)} answers were saved", flush=True)
-    last = time.perf_counter()
+    last = [time.perf_counter()]
 
-    def keep(js: list[int], outs: list[Completion]) -> None:  # each batch as it is done, with its time
-        nonlocal last
+    def keep(js: list[int], outs: list[Completion]) -> None:  # each batch, with its time
         now = time.perf_counter()
-        each, last = (now - last) / len(js), now
+        each, last[0] = (now - last[0]) / len(js), now
         for j, c in zip(js, outs):
             i = todo[j]
             completions[i] = c
-            append_line(out / PARTIAL, {"answer": {"id": problems[i]["id"], "expert": choice[i], "text": c.text,
-                                                   "tokens": c.tokens, "finish": c.finish, "seconds": each}})
+            append_line(out / PARTIAL, {"answer": {
+                "id": problems[i]["id"], "expert": choice[i], "text": c.text, "tokens": c.tokens,
+                "finish": c.finish, "seconds": each}})
 
-    t1 = time.perf_counter()
-    adapt.second_pass(model, tokenizer, task, [problems[i] for i in todo], experts, [choice[i] for i in todo], batch_size,
-           max_new_tokens, how, on_batch=keep)
-    second_s += time.perf_counter() - t1
-    t2 = time.perf_counter()
+    t0 = time.perf_counter()
+    adapt.second_pass(model, tokenizer, task, [problems[i] for i in todo], experts,
+                      [choice[i] for i in todo], cfg.batch_size, cfg.max_new_tokens, cfg.answer,
+                      on_batch=keep)
+    return completions, seconds + time.perf_counter() - t0, len(problems) - len(todo)
+
+
+def evaluate_task(model, tokenizer, task_name: str, loaded: dict[str, dict], cfg: EvalConfig,
+                  command: str) -> dict:
+    """Both passes over one task's problems, resumable; writes responses.jsonl and summary.json
+    into OUT/STRATEGY/TASK/ and returns the summary."""
+    task = data.TASKS[task_name]
+    problems, shot_problems = task_problems(cfg, task_name)
+    out = task_folder(cfg, task_name)
+    out.mkdir(parents=True, exist_ok=True)
+    run = run_key(cfg, task_name, model)
+    if cfg.resume and (out / "summary.json").exists() and not (out / PARTIAL).exists():
+        done = json.loads((out / "summary.json").read_text())
+        if done.get("run") == run:
+            print(f"{task_name}: already evaluated in {out} (--resume)", flush=True)
+            return done
+    first, saved, searched = resume_from(out / PARTIAL, run, cfg.resume)
+    resumed = first is not None or bool(searched)
+    first, experts = first_pass(model, tokenizer, task, problems, shot_problems, loaded, cfg,
+                                out, first, searched)
+    choice = first["choice"]
+    if resumed:
+        saved_n = sum(1 for i, p in enumerate(problems) if p["id"] in saved
+                      and saved[p["id"]]["expert"] == choice[i])
+        print(f"{task_name}: resumed in {out}: "
+              + (f"{len(searched)} CEM generations, " if searched else "")
+              + f"{saved_n} of {len(problems)} answers were saved", flush=True)
+    completions, second_s, _ = second_pass(model, tokenizer, task, problems, experts, choice,
+                                           saved, cfg, out)
+    t0 = time.perf_counter()
     verdicts = task.score_many(problems, [c.text for c in completions], workers=cfg.workers)
-    t3 = time.perf_counter()
-    extracted = [task.extract(c.text, p) for p, c in zip(problems, completions)]
-    correct, n = sum(verdicts), len(problems)
-    lo, hi = wilson(correct, n)
-    answers = Counter("(none)" if e is None else e for e in extracted)
-    classified = strategy in ("prompt", "cls")
-    summary = {
-        "task": task_name, "strategy": strategy, "answer": how, "split": split, "n": n, "correct": correct,
-        "accuracy": correct / n, "ci95": [lo, hi], "no_answer": answers.get("(none)", 0),
-        "answer_distribution": dict(answers.most_common(8)) if task.domain == "reasoning" else None,
-        "experts": dict(Counter(choice)),
-        "labels": dict(Counter(labels)) if classified else None,
-        "routing_accuracy": sum(l == task.domain for l in labels) / n if classified else None,  # label == domain
-        "shots": [s["id"] for s in shot_problems] or None,
-        "first_pass_s": first["seconds"], "second_pass_s": second_s, "scoring_s": t3 - t2,
-        "first_pass_share": first["seconds"] / second_s,  # paper Table 3: first pass as a share of the second
-        "generated_tokens": sum(len(c.tokens) for c in completions), "limit": limit, "seed": seed,
-        "command": command, "resumed": resumed, "run": run, "code_version": CODE_VERSION,
-        "sandbox": data.sandbox.isolation() if task.domain == "code" else None,  # where generated code ran
-    }
-    with open(out / "responses.jsonl", "w") as f:
-        for p, c, e, v, ch, lab in zip(problems, completions, extracted, verdicts, choice, labels):
-            f.write(json.dumps({"id": p["id"], "expert": ch, "label": lab, "prompt": task.messages(p)[-1]["content"],
-                                "response": c.text, "extracted": e, "gold": p.get("answer"), "correct": v,
-                                "finish": c.finish, "tokens": len(c.tokens)}) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / PARTIAL).unlink()  # finished: responses.jsonl and summary.json hold everything
+    scoring_s = time.perf_counter() - t0
+    summary = summarise(task, problems, shot_problems, completions, verdicts, first, cfg, run,
+                        second_s, scoring_s, command, resumed)
+    write_results(out, task, problems, completions, verdicts, first, summary)
     print(summary_line(summary, out), flush=True)
     return summary
+
+
+def summarise(task, problems, shot_problems, completions, verdicts, first, cfg: EvalConfig,
+              run: dict, second_s: float, scoring_s: float, command: str, resumed: bool) -> dict:
+    """summary.json: the counts, the interval, the two passes' times, and how it was made."""
+    extracted = [task.extract(c.text, p) for p, c in zip(problems, completions)]
+    correct, n, labels = sum(verdicts), len(problems), first["labels"]
+    answers = Counter("(none)" if e is None else e for e in extracted)
+    classified = cfg.strategy in ("prompt", "cls")
+    return {
+        "task": run["task"], "strategy": cfg.strategy,
+        "answer": cfg.answer, "split": cfg.split, "n": n, "correct": correct,
+        "accuracy": correct / n, "ci95": list(wilson(correct, n)),
+        "no_answer": answers.get("(none)", 0),
+        "answer_distribution": dict(answers.most_common(8)) if task.domain == "reasoning" else None,
+        "experts": dict(Counter(first["choice"])),
+        "labels": dict(Counter(labels)) if classified else None,
+        # the share of labels that name the task's own domain
+        "routing_accuracy": sum(l == task.domain for l in labels) / n if classified else None,
+        "shots": [s["id"] for s in shot_problems] or None,
+        "first_pass_s": first["seconds"], "second_pass_s": second_s, "scoring_s": scoring_s,
+        # paper Table 3: the first pass as a share of the second
+        "first_pass_share": first["seconds"] / second_s,
+        "generated_tokens": sum(len(c.tokens) for c in completions), "limit": cfg.limit,
+        "seed": cfg.seed, "command": command, "resumed": resumed, "run": run,
+        "code_version": CODE_VERSION,
+        "sandbox": data.sandbox.isolation() if task.domain == "code" else None,  # where code ran
+    }
+
+
+def write_results(out: Path, task, problems, completions, verdicts, first, summary) -> None:
+    """responses.jsonl (one line per problem) and summary.json; partial.jsonl is then done."""
+    with open(out / "responses.jsonl", "w") as f:
+        for p, c, v, ch, lab in zip(problems, completions, verdicts, first["choice"],
+                                    first["labels"]):
+            f.write(json.dumps({
+                "id": p["id"], "expert": ch, "label": lab,
+                "prompt": task.messages(p)[-1]["content"], "response": c.text,
+                "extracted": task.extract(c.text, p), "gold": p.get("answer"), "correct": v,
+                "finish": c.finish, "tokens": len(c.tokens)}) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / PARTIAL).unlink()  # finished: responses.jsonl and summary.json hold everything
 
 
 def summary_line(s: dict, out: Path) -> str:
