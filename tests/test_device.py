@@ -20,9 +20,7 @@ import rl
 import svf
 from engine import generate_all
 from model import generate
-from test_adapt import ChoiceTask, CharTokenizer, EchoTask, toy_problems  # the tiny tasks and tokenizers of
-from test_svf import ToyTask, ToyTokenizer                                  # the adaptation and trainer tests
-from test_svf import toy_problems as toy_train_problems
+from tiny import CharTokenizer, ChoiceTask, EchoTask, ToyTask, ToyTokenizer, toy_problems, toy_train_problems
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [(d, t) for d in DEVICES for t in ("float32", "bfloat16")]

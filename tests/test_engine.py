@@ -7,17 +7,8 @@ import torch
 
 from engine import draw, generate_many, sample_rows
 from model import ModelArgs, Transformer, generate
+from tiny import StubTokenizer
 
-
-class StubTokenizer:
-    """Only what generation needs from a tokenizer, for tiny random models (ids are just numbers)."""
-    pad_id = 0
-
-    def __init__(self, stop_ids=()):
-        self.stop_ids = set(stop_ids)
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +27,7 @@ def random_prompts(lengths, seed=1):
 def stopping_tokenizer(model, prompts, n):
     """A tokenizer whose stop tokens end the greedy continuations at different steps: the 3rd token of
     the first prompt's, the 9th of the second's, the 15th of the third's."""
-    free = [generate(model, StubTokenizer(), [p], n)[0].tokens for p in prompts[:3]]
+    free = [generate(model, StubTokenizer(()), [p], n)[0].tokens for p in prompts[:3]]
     return StubTokenizer({free[0][2], free[1][8], free[2][14]})
 
 
@@ -58,7 +49,7 @@ def test_greedy_equals_plain_generate_of_each_prompt(tiny, batch):
 
 def test_stop_strings_end_rows_as_generate_does(tiny):
     prompts = random_prompts([4, 7, 10, 5, 3, 8])
-    free = generate(tiny, StubTokenizer(), [prompts[1]], 20)[0].tokens
+    free = generate(tiny, StubTokenizer(()), [prompts[1]], 20)[0].tokens
     stops = (f"{free[4]} {free[5]}", "no such text")              # ends prompt 1 after its 6th token
     tok = StubTokenizer({1})
     reference = [generate(tiny, tok, [p], 20, stop_strings=stops)[0] for p in prompts]
@@ -133,7 +124,7 @@ def test_first_step_samples_follow_the_model(tiny):
     """One step through the model: the first tokens of 20,000 samples of one prompt against
     softmax(logits / T) of a plain forward pass."""
     prompt = [5, 17, 33, 2]
-    out = generate_many(tiny, StubTokenizer(), [prompt] * 20_000, 2048, max_new_tokens=1, temperature=0.8,
+    out = generate_many(tiny, StubTokenizer(()), [prompt] * 20_000, 2048, max_new_tokens=1, temperature=0.8,
                         generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         p = torch.softmax(tiny(torch.tensor([prompt]))[0, -1] / 0.8, -1)
@@ -143,7 +134,7 @@ def test_first_step_samples_follow_the_model(tiny):
 
 def test_context_length_caps_new_tokens_as_generate_does(tiny):
     prompts = [list(range(2, 92)), [7, 8, 9]]                      # the first leaves 6 slots of 96
-    tok = StubTokenizer()
+    tok = StubTokenizer(())
     out = generate_many(tiny, tok, prompts, 2, max_new_tokens=20)
     assert [len(c.tokens) for c in out] == [6, 20]
     for a, p in zip(out, prompts):

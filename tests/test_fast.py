@@ -7,7 +7,8 @@ import fast
 import model
 from checkpoint import load_model
 from model import generate
-from test_model import StubTokenizer, make_hf_checkpoint
+from test_model import make_hf_checkpoint
+from tiny import StubTokenizer
 
 
 @pytest.fixture

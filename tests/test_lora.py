@@ -7,15 +7,8 @@ import torch
 
 import lora
 import svf
-from model import ModelArgs, Transformer
-
-TINY = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=64)
-
-
-def tiny_model(dtype=torch.float64, seed=0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(TINY).to(dtype).eval().requires_grad_(False)
-
+from model import Transformer
+from tiny import tiny_model
 
 def tokens(seed=0):
     return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(seed))

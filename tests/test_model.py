@@ -9,6 +9,7 @@ import checkpoint
 from checkpoint import load_model
 from model import generate
 from replies import common_prefix, reply_logprobs
+from tiny import StubTokenizer
 
 PROMPTS = [
     "The capital of France is",
@@ -17,14 +18,6 @@ PROMPTS = [
     "How many clips did Natalia sell altogether in April and May?",
     "Which of these is a mammal? (A) shark (B) dolphin (C) trout (D) octopus",
 ]
-
-
-class StubTokenizer:
-    """Only what generate() needs from a tokenizer, for tiny random models (ids are just numbers)."""
-    pad_id, stop_ids = 0, {1}
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
 
 
 # ----------------------------------------------------------------------------- tiny HF checkpoints
