@@ -4,6 +4,7 @@ Two formats, one recipe: read the checkpoint's own metadata into ModelArgs, rena
 tensor through a visible name map, undo llama.cpp's q/k row reordering in plain sight,
 check every name and shape (a missing, extra or mis-shaped tensor is an error that names
 it), and assign the tensors into a model built on the meta device (no double allocation).
+The default model, SmolLM2-135M-Instruct, is named here; fetch.py downloads it.
 
     model, tokenizer = load("models/SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tokenizer = load("path/to/hf-checkpoint-folder", device="cuda", dtype="bfloat16")
@@ -103,7 +104,8 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     Hugging Face layout this model uses keeps the two halves apart: (x_0, x_1, ... | x_half, ...).
     """
     rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    pairs = w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])  # (heads, half, 2, ...)
+    return pairs.transpose(1, 2).reshape(w.shape)
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -122,7 +124,8 @@ def gguf_args(reader, path: Path) -> ModelArgs:
 
     arch = get("general.architecture")
     if arch not in GGUF_ARCHS:
-        raise ValueError(f"{path.name}: unknown architecture {arch!r}; supported: {', '.join(GGUF_ARCHS)}")
+        raise ValueError(f"{path.name}: unknown architecture {arch!r}; "
+                         f"supported: {', '.join(GGUF_ARCHS)}")
     n_heads = need(f"{arch}.attention.head_count")
     scaling = None
     if get(f"{arch}.rope.scaling.type") == "linear":
@@ -150,19 +153,23 @@ def open_gguf(path: Path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader fails deep in numpy on a truncated file
-        raise ValueError(f"{path.name}: cannot read GGUF file ({type(e).__name__}: {e}); truncated or corrupt?") from e
+        raise ValueError(f"{path.name}: cannot read GGUF file ({type(e).__name__}: {e}); "
+                         "truncated or corrupt?") from e
 
 
-def read_gguf(path: Path, reader=None) -> tuple[ModelArgs, dict[str, torch.Tensor], torch.Tensor | None, str]:
-    """ModelArgs, our-named float32 tensors, llama.cpp's rope_freqs (Llama 3.1) if any, architecture."""
+def read_gguf(path: Path, reader=None) -> tuple[ModelArgs, dict[str, torch.Tensor],
+                                                torch.Tensor | None, str]:
+    """ModelArgs, our-named float32 tensors, llama.cpp's rope_freqs (Llama 3.1) if any, and
+    the architecture."""
     from gguf.quants import dequantize
     reader = reader or open_gguf(path)
     args = gguf_args(reader, path)
     arch = reader.fields["general.architecture"].contents()
     tensors, rope_freqs = {}, None
     for t in reader.tensors:
-        w = torch.tensor(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a copy: the file is memory-mapped read-only
-        if t.name == "rope_freqs.weight":  # Llama 3.1 frequency divisors, stored as a tensor by llama.cpp
+        # a copy: the file is memory-mapped read-only
+        w = torch.tensor(np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        if t.name == "rope_freqs.weight":  # Llama 3.1's frequency divisors, from llama.cpp
             rope_freqs = w
             continue
         name = rename(t.name, GGUF_NAMES, path.name)
@@ -184,15 +191,18 @@ def hf_args(config: dict, folder: Path) -> ModelArgs:
         raise ValueError(f"{folder.name}/config.json: unknown architecture model_type={kind!r}; "
                          f"supported: {', '.join(HF_TYPES)}")
     if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
-        raise ValueError(f"{folder.name}/config.json: only SwiGLU (silu, no MLP bias) feed-forwards are supported")
+        raise ValueError(f"{folder.name}/config.json: only SwiGLU (silu, no MLP bias) "
+                         "feed-forwards are supported")
     rope = config.get("rope_parameters") or {}  # newer configs nest rope_theta and scaling here
-    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    scaled = rope.get("rope_type", "default") != "default"
+    scaling = config.get("rope_scaling") or (rope if scaled else None)
 
-    def need(key: str) -> int:  # a size the model cannot be built without: an error naming the field
+    def need(key: str) -> int:  # a size the model cannot be built without: an error naming it
         if key not in config:
             raise ValueError(f"{folder.name}/config.json has no {key!r} field")
         if type(config[key]) is not int or config[key] < 1:
-            raise ValueError(f"{folder.name}/config.json: {key} must be a positive integer, not {config[key]!r}")
+            raise ValueError(f"{folder.name}/config.json: {key} must be a positive integer, "
+                             f"not {config[key]!r}")
         return config[key]
 
     n_heads = need("num_attention_heads")
@@ -229,7 +239,8 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face checkpoint folder)")
+        raise FileNotFoundError(f"{folder}: no config.json "
+                                "(expected a Hugging Face checkpoint folder)")
     args = hf_args(read_json(folder / "config.json"), folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():  # sharded: the index names the file of every tensor
@@ -240,7 +251,8 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     else:
         shards = sorted(p.name for p in folder.glob("*.safetensors"))
     if not shards:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (pytorch .bin files are not supported)")
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights "
+                                "(pytorch .bin files are not supported)")
     tensors = {}
     for shard in shards:
         if not (folder / shard).is_file():
@@ -252,14 +264,15 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         for name, w in weights.items():
             if name.endswith("rotary_emb.inv_freq"):  # a cached rotary table some exports include
                 continue
-            if name == "lm_head.weight" and args.tie_embeddings:  # a redundant copy of the tied embedding
+            if name == "lm_head.weight" and args.tie_embeddings:  # a copy of the tied embedding
                 continue
             tensors[rename(name, HF_NAMES, f"{folder.name}/{shard}")] = w
     return args, tensors
 
 
 # ----------------------------------------------------------------------------- both
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(device: str = "auto",
+                         dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """auto: CUDA if present; float32 on CPU (exact), bfloat16 on CUDA (fast)."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
@@ -271,25 +284,29 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
 
 
 def check_tensors(model: Transformer, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Every parameter present with its exact shape, nothing left over: else an error naming the tensor."""
+    """Every parameter present with its exact shape, nothing left over: else an error that
+    names the tensor."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         expected.pop("output.weight")
     missing = sorted(expected.keys() - tensors.keys())
     extra = sorted(tensors.keys() - expected.keys())
     if missing:
-        raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        more = " ..." if len(missing) > 5 else ""
+        raise ValueError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{more}")
     if extra:
         raise ValueError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}")
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                             f"expected {shape}")
 
 
 def load_model(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
                reader=None) -> Transformer:
     """Build the model a checkpoint describes and fill it with the checkpoint's weights.
-    `reader`: an open gguf.GGUFReader of the file, to parse a GGUF file once for model and tokenizer."""
+    `reader`: an open gguf.GGUFReader of the file, so that a GGUF file is parsed once for the
+    model and the tokenizer."""
     path = Path(path) if path else check_default_model()
     if not path.exists():
         raise FileNotFoundError(f"no such model file or folder: {path}")
@@ -315,7 +332,8 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
     return model.eval().requires_grad_(False)
 
 
-def load(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
+def load(path: str | Path | None = None, device: str = "auto",
+         dtype: str = "auto") -> tuple[Transformer, Tokenizer]:
     """The model and its tokenizer from one checkpoint (default: SmolLM2-135M-Instruct)."""
     path = Path(path) if path else check_default_model()
     if path.is_file() and path.suffix == ".gguf":
