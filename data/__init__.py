@@ -48,11 +48,13 @@ def load(task: str, split: str) -> list[dict]:
     if task not in SPLITS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(SPLITS)}")
     if split not in SPLITS[task]:
-        raise ValueError(f"task {task!r} has no split {split!r}; choose one of {', '.join(SPLITS[task])}")
+        raise ValueError(f"task {task!r} has no split {split!r}; "
+                         f"choose one of {', '.join(SPLITS[task])}")
     name = file_name(task, split)
     path = DATA_DIR / name
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; rebuild the data with `python -m data prepare`")
+        raise FileNotFoundError(f"{path} is missing; "
+                                "rebuild the data with `python -m data prepare`")
     raw = path.read_bytes()
     expected = read_manifest(DATA_DIR / MANIFEST).get(name)
     if expected != hashlib.sha256(raw).hexdigest():

