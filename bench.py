@@ -23,8 +23,8 @@ A timing is the best of --reps rounds, the contenders taking turns within a roun
 (N - 1) new tokens over time(N tokens) - time(1 token), which leaves the prefill out. Peak memory is
 the high-water mark (VmHWM) of a fresh interpreter per measurement.
 
-    python bench.py --quick                       # small sizes: ~10 minutes on a busy 2-core machine
-    python bench.py --json results/bench.json     # the full run: ~25 minutes there
+    python bench.py --quick                       # small sizes, for development
+    python bench.py --json results/bench.json     # the full run
 """
 from __future__ import annotations
 
@@ -1245,7 +1245,8 @@ def bench_scale(rep: Report, figures: dict, args: ModelArgs = LLAMA3_8B, S: Scal
 
 
 # ----------------------------------------------------------------------------- command line
-def main(section: str, threads: int, quick: bool, agree_prompts: int | None, json_out: str | None, seed: int) -> None:
+def main(section: str, threads: int, quick: bool, agree_prompts: int | None, json_out: str | None,
+         seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     torch.set_num_threads(threads)
     fast.enable()  # the speed path the command lines run
@@ -1254,7 +1255,8 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
         transformers.logging.set_verbosity_error()
         hf_version = transformers.__version__
     except ImportError:
-        raise SystemExit("bench.py compares with Hugging Face transformers: pip install -r requirements-test.txt")
+        raise SystemExit("bench.py compares with Hugging Face transformers: "
+                         "pip install -r requirements-test.txt")
     S = QUICK if quick else FULL
     if agree_prompts:
         S = Sizes(**{**asdict(S), "agree_prompts": agree_prompts})
@@ -1320,29 +1322,33 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
 
 
 if __name__ == "__main__":
-    p = cli.parser("Speed and memory of the model and of SVF training, beside peers measured in the "
-                   "same run (Hugging Face transformers, the plain base model).")
-    p.add_argument("--section", choices=("model", "memory", "svf", "adapt", "rollout", "scale", "all"), default="all",
+    p = cli.parser("Speed and memory of the model and of SVF training, beside peers measured in\n"
+                   "the same run (Hugging Face transformers, the plain base model).")
+    sections = ("model", "memory", "svf", "adapt", "rollout", "scale", "all")
+    p.add_argument("--section", choices=sections, default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
-                        "memory: only the peak-memory part of model (3 min); "
+                        "memory: only the peak-memory part of model; "
                         "svf: decomposition, expert switching, one training step (issue 'trainer'); "
-                        "adapt: first pass against second pass per unseen task, switching experts (issue "
-                        "'adaptation'); rollout: generate_many against generate_all, transformers and the matrix-"
-                        "product ceiling at batch 32, 64, 128 (issue 16, ~25 min); scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside transformers, "
-                        "not part of all (issue 20, ~6 min on an H200)")
+                        "adapt: first pass against second pass per unseen task, switching experts "
+                        "(issue 'adaptation'); rollout: generate_many against generate_all, "
+                        "transformers and the matrix-product ceiling at batch 32, 64, 128 (issue "
+                        "16); scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside "
+                        "transformers, not part of all (issue 20)")
     p.add_argument("--threads", type=cli.positive_int, default=2,
                    help="torch CPU threads (also for the memory subprocesses)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes for development (one round per timing, fewer tokens and prompts; see QUICK "
-                        "in this file) instead of the full run's (FULL)")
+                   help="small sizes for development (one round per timing, fewer tokens and "
+                        "prompts; see QUICK in this file) instead of the full run's (FULL)")
     p.add_argument("--agree-prompts", type=cli.positive_int, default=None,
-                   help=f"task prompts for the bfloat16-vs-float32 greedy agreement (None: {FULL.agree_prompts}, "
-                        f"or {QUICK.agree_prompts} with --quick)")
+                   help="task prompts for the bfloat16-vs-float32 greedy agreement "
+                        f"(None: {FULL.agree_prompts}, or {QUICK.agree_prompts} with --quick)")
     p.add_argument("--json", dest="json_out", metavar="OUT", type=cli.output_file, default=None,
-                   help="also write every figure, the config and the machine's load average to this JSON file")
+                   help="also write every figure, the config and the machine's load average to "
+                        "this JSON file")
     p.add_argument("--seed", type=cli.seed, default=0,
                    help="seeds python, numpy and torch (and the training step's sampling)")
     args = p.parse_args()
     if args.section == "scale" and not torch.cuda.is_available():
-        p.error("--section scale needs a CUDA GPU (tests/test_bench_scale.py runs it at a tiny shape on the CPU)")
+        p.error("--section scale needs a CUDA GPU (tests/test_bench_scale.py runs it at a tiny "
+                "shape on the CPU)")
     main(**vars(args))
