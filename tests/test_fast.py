@@ -76,13 +76,15 @@ def test_stacked_projections_follow_their_weights(tmp_path):
 
     check()
     stack, bias, _ = attn.q.__dict__["stack"]
-    assert attn.k.weight.data_ptr() == stack[attn.q.weight.shape[0]].data_ptr()  # a view: no copy kept
+    # a view: no copy kept
+    assert attn.k.weight.data_ptr() == stack[attn.q.weight.shape[0]].data_ptr()
     with torch.no_grad():
         attn.k.weight.mul_(1.5)                                   # in place: seen through the view
         model.layers[1].mlp.up.weight.add_(0.01)
     check()
     attn.v.weight = torch.nn.Parameter(torch.randn_like(attn.v.weight))  # replaced: stacked again
-    model.layers[1].mlp.gate.weight = torch.nn.Parameter(torch.randn_like(model.layers[1].mlp.gate.weight))
+    gate = model.layers[1].mlp.gate
+    gate.weight = torch.nn.Parameter(torch.randn_like(gate.weight))
     check()
     model.double()
     with torch.no_grad():

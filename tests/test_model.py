@@ -14,7 +14,8 @@ from tiny import StubTokenizer
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in "
+    "May. "
     "How many clips did Natalia sell altogether in April and May?",
     "Which of these is a mammal? (A) shark (B) dolphin (C) trout (D) octopus",
 ]
@@ -24,15 +25,18 @@ PROMPTS = [
 def tiny_config(kind: str):
     import transformers as tf
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
+                  num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+                  rms_norm_eps=1e-5)
     if kind == "llama3":  # GQA, untied output, Llama 3.1 rope scaling
         return tf.LlamaConfig(**common, tie_word_embeddings=False, rope_theta=500000.0,
-                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 32})
     if kind == "llama":  # plain: what the GGUF test writes
         return tf.LlamaConfig(**common, tie_word_embeddings=False)
     if kind == "llama-linear":
-        return tf.LlamaConfig(**common, tie_word_embeddings=True, rope_scaling={"rope_type": "linear", "factor": 2.0})
+        return tf.LlamaConfig(**common, tie_word_embeddings=True,
+                              rope_scaling={"rope_type": "linear", "factor": 2.0})
     if kind == "mistral":  # sliding window shorter than the test sequence
         return tf.MistralConfig(**common, sliding_window=8, tie_word_embeddings=False)
     if kind == "qwen2":  # q/k/v biases, tied output
@@ -70,7 +74,8 @@ def test_forward_without_cache_has_gradients(tmp_path):
     make_hf_checkpoint("llama3", tmp_path)
     model = load_model(tmp_path, device="cpu", dtype="float32").requires_grad_(True)
     tokens = torch.randint(0, 128, (2, 10))
-    loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
     grad = model.layers[0].mlp.gate.weight.grad
     assert grad is not None and grad.abs().sum() > 0
@@ -91,7 +96,8 @@ def test_kv_cache_decoding_equals_full_recomputation(tmp_path):
     np.testing.assert_allclose(c.logprobs, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["llama3", "mistral"])  # mistral: a sliding window shorter than the rows
+# mistral: a sliding window shorter than the rows
+@pytest.mark.parametrize("kind", ["llama3", "mistral"])
 def test_packed_reply_logprobs_equal_one_plain_forward_per_reply(kind, tmp_path):
     make_hf_checkpoint(kind, tmp_path)
     model = load_model(tmp_path, device="cpu", dtype="float32").requires_grad_(True)
@@ -138,7 +144,8 @@ def test_shared_prompt_prefix_is_computed_once_and_changes_nothing(kind, tmp_pat
 def test_left_padded_batch_equals_each_prompt_alone_tiny(tmp_path):
     make_hf_checkpoint("mistral", tmp_path)  # sliding window and padding together
     model = load_model(tmp_path, device="cpu", dtype="float32")
-    prompts = [[3, 4, 5], [7] * 11, [9, 8, 7, 6, 5, 4, 3, 2, 10, 11, 12, 13, 14, 15], [3, 4, 5], [7] * 11]
+    prompts = [[3, 4, 5], [7] * 11, [9, 8, 7, 6, 5, 4, 3, 2, 10, 11, 12, 13, 14, 15], [3, 4, 5],
+               [7] * 11]
     batch = generate(model, StubTokenizer(), prompts, 12)  # the repeated prompts are prefilled once
     for p, c in zip(prompts, batch):
         [alone] = generate(model, StubTokenizer(), [p], 12)
@@ -149,7 +156,8 @@ def test_left_padded_batch_equals_each_prompt_alone_tiny(tmp_path):
 def test_sampling_is_seedable(tmp_path):
     make_hf_checkpoint("llama3", tmp_path)
     model = load_model(tmp_path, device="cpu", dtype="float32")
-    run = lambda seed: generate(model, StubTokenizer(), [[5, 6, 7]] * 3, 10, temperature=1.0, top_p=0.9,
+    run = lambda seed: generate(model, StubTokenizer(), [[5, 6, 7]] * 3, 10, temperature=1.0,
+                                top_p=0.9,
                                 generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     assert [x.tokens for x in a] == [x.tokens for x in b]
@@ -159,7 +167,8 @@ def test_sampling_is_seedable(tmp_path):
 # ----------------------------------------------------------------------------- tiny GGUF files
 def permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     """The reordering llama.cpp's converter applies to q/k rows (pairs the two rotary halves)."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    halves = w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+    return halves.swapaxes(1, 2).reshape(w.shape)
 
 
 def write_tiny_gguf(path, ref, quant: str):
@@ -177,10 +186,12 @@ def write_tiny_gguf(path, ref, quant: str):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
     w.add_vocab_size(cfg.vocab_size)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
-    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     qtype = getattr(gguf.GGMLQuantizationType, quant)
     for name, t in ref.state_dict().items():
@@ -214,7 +225,8 @@ def test_tiny_gguf_unpermutes_and_matches_transformers(quant, tmp_path):
     if quant == "F32":  # exact weights: compare with the original model itself
         hf = ref
     else:  # quantized: compare with transformers' own reading of the same file
-        hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+        hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf",
+                                                     dtype=torch.float32).eval()
     with torch.no_grad():
         diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
     assert diff < 1e-4, f"{quant}: max |logit difference| {diff}"
@@ -242,7 +254,8 @@ def test_extra_and_misshaped_tensors_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
     make_hf_checkpoint("llama3", tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    save_file({**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, tmp_path / "model.safetensors")
+    save_file({**tensors, "model.layers.0.mlp.extra.weight": torch.zeros(2)},
+              tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="unexpected tensor.*mlp.extra.weight"):
         load_model(tmp_path)
     tensors["model.norm.weight"] = torch.ones(63)
@@ -278,7 +291,7 @@ def test_missing_default_model_says_how_to_fetch(tmp_path):
         checkpoint.check_default_model(tmp_path / "bad.gguf")
 
 
-# ----------------------------------------------------------------------------- the real default model
+# ----------------------------------------------------------------------------- the real model
 @pytest.mark.real
 def test_real_model_logits_match_transformers(real, hf_real):
     model, _ = real
@@ -305,5 +318,6 @@ def test_real_model_left_padded_batch_equals_each_prompt_alone(real):
 @pytest.mark.real
 def test_real_model_answers_sensibly(real):
     model, tok = real
-    [c] = generate(model, tok, [tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])], 24)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    [c] = generate(model, tok, [tok.encode_chat(question)], 24)
     assert "Paris" in c.text
