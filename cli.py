@@ -1,10 +1,11 @@
-"""What every command line shares (train.py, eval.py, generate.py, bench.py, results.py, fetch.py, python -m data):
-argparse types that refuse a bad value with a message naming the problem, and fail(), the one-line exit for a
-bad input file.
+"""What every command line shares (train.py, eval.py, generate.py, bench.py, results.py,
+fetch.py, python -m data): one parser and help formatter, flags built from a config
+dataclass (option, add_options), argparse types that refuse a bad value with a message
+naming the problem, and fail(), the one-line exit for a bad input file.
 
-A bad flag or file ends the command with status 2 and no traceback: argparse prints its usage line and
-`PROG: error: argument --FLAG: ...`, fail() prints `error: ...`. Tracebacks are left for bugs. Standard library
-only (results.py and fetch.py run without torch; device() imports it when it is used).
+A bad flag or file ends the command with status 2 and no traceback: argparse prints its usage
+line and `PROG: error: argument --FLAG: ...`, fail() prints `error: ...`. Tracebacks are left
+for bugs. Standard library only (results.py runs without torch; device() imports it when used).
 """
 from __future__ import annotations
 
