@@ -144,34 +144,37 @@ def resolve_experts(names: list[str], experts_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def load_experts(model, paths: dict[str, Path]) -> dict[str, dict]:
-    """name -> z of each expert file, after wrapping the matrices they adapt (all experts must agree)."""
+def read_experts(paths: dict[str, Path]) -> dict[str, svf.Expert]:
+    """name -> each expert file, read once (before the model is loaded: a file that is corrupt,
+    not a safetensors file or a LoRA adapter is an error that names it)."""
+    try:
+        experts = {n: svf.Expert.load(p) for n, p in paths.items()}
+    except ValueError as e:
+        fail(str(e))
+    for n, expert in experts.items():
+        if "lora" in expert.meta:
+            fail(f"{paths[n]} is a LoRA adapter, not an SVF expert: evaluate it with "
+                 f"--adapter {paths[n]}")
+    return experts
+
+
+def load_experts(model, paths: dict[str, Path],
+                 experts: dict[str, svf.Expert] | None = None) -> dict[str, dict]:
+    """name -> z of each expert, after wrapping the matrices they adapt (all must agree)."""
     if not paths:
         return {}
-    targets = expert_targets(paths)
+    experts = experts or read_experts(paths)
+    targets = {n: e.meta.get("targets", "mlp") for n, e in experts.items()}
     if len(set(targets.values())) > 1:
         fail(f"these experts adapt different matrices and cannot be used together: {targets}")
     svf.attach(model, svf.decompose(model, next(iter(targets.values()))))
     loaded = {}
     for n, p in paths.items():
         try:
-            loaded[n] = svf.Expert.load(p, model).z
+            loaded[n] = experts[n].fit(model, p).z
         except ValueError as e:  # made for another base model, or for other matrices' shapes
             fail(f"expert {n} does not fit the loaded model: {e}")
     return loaded
-
-
-def expert_targets(paths: dict[str, Path]) -> dict[str, str]:
-    """name -> the matrices each expert file adapts; a file that is corrupt or not a safetensors file is an
-    error that names it (main reads them so before loading the model)."""
-    try:
-        metas = {n: svf.Expert.load(p).meta for n, p in paths.items()}
-    except ValueError as e:
-        fail(str(e))
-    for n, meta in metas.items():
-        if "lora" in meta:
-            fail(f"{paths[n]} is a LoRA adapter, not an SVF expert: evaluate it with --adapter {paths[n]}")
-    return {n: meta.get("targets", "mlp") for n, meta in metas.items()}
 
 
 # The version of the code that makes a summary: raised when a fix changes what a strategy gives, so that
@@ -478,7 +481,7 @@ def main(cfg: EvalConfig) -> list[dict]:
     except ValueError as err:
         fail(str(err))
     paths = resolve_experts(needed, Path(cfg.experts_dir or EXPERTS_DIR))  # before the model
-    expert_targets(paths)  # ... also on a corrupt expert file
+    experts = read_experts(paths)  # ... also a corrupt expert file
     fast.enable()  # the CPU speed path (fast.py)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -488,7 +491,7 @@ def main(cfg: EvalConfig) -> list[dict]:
         net, tokenizer = load(cfg.model, device=cfg.device, dtype=cfg.dtype)
     except (ValueError, FileNotFoundError) as e:  # a model file that is corrupt or not a Llama's
         fail(str(e))
-    loaded = load_experts(net, paths)
+    loaded = load_experts(net, paths, experts)
     if cfg.routing:
         return [routing(net, tokenizer, loaded["cls"], cfg.limit, cfg.seed, cfg.batch_size,
                         Path(cfg.out), command)]

@@ -262,12 +262,20 @@ def read_tensors(path: str | Path, what: str, model: nn.Module | None = None) ->
         raise ValueError(f"{path}: not a readable {what} file ({e})") from e
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a {what} file of this project (its metadata is not a JSON object)")
-    if model is not None and "base_model" not in meta:
-        raise ValueError(f"{path}: not a {what} file of this project (its metadata names no base model)")
-    if model is not None and meta.get("base_model") != model_fingerprint(model):
-        raise ValueError(f"{path.name} was trained on base model {meta.get('base_model')}, but the loaded model "
-                         f"is {model_fingerprint(model)}: {what}s only fit the model they were trained on")
+    if model is not None:
+        check_base_model(meta, path, what, model)
     return tensors, meta
+
+
+def check_base_model(meta: dict, path: Path, what: str, model: nn.Module) -> None:
+    """Refuse a file made for another base model than `model` (its meta's fingerprint)."""
+    if "base_model" not in meta:
+        raise ValueError(f"{path}: not a {what} file of this project (its metadata names no base "
+                         "model)")
+    if meta.get("base_model") != model_fingerprint(model):
+        raise ValueError(f"{path.name} was trained on base model {meta.get('base_model')}, but the "
+                         f"loaded model is {model_fingerprint(model)}: {what}s only fit the model "
+                         "they were trained on")
 
 
 @dataclass
@@ -283,11 +291,17 @@ class Expert:
         """Read an expert; with `model`, refuse one made for another base model or other shapes."""
         z, meta = read_tensors(path, "expert", model)
         expert = Expert(z, meta)
-        if model is not None:
-            dev = next(iter(wrappers(model).values())).svd.s.device
-            expert.z = {n: v.to(dev) for n, v in z.items()}
-            check_z(model, expert.z)
-        return expert
+        return expert if model is None else expert.fit(model, Path(path), checked=True)
+
+    def fit(self, model: nn.Module, path: Path, checked: bool = False) -> "Expert":
+        """This expert on the model's device, read once: refuses one made for another base model
+        (named by path) or for other shapes."""
+        if not checked:
+            check_base_model(self.meta, path, "expert", model)
+        dev = next(iter(wrappers(model).values())).svd.s.device
+        self.z = {n: v.to(dev) for n, v in self.z.items()}
+        check_z(model, self.z)
+        return self
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -164,7 +164,11 @@ def test_several_strategies_are_compared_on_the_same_problems(tmp_path, monkeypa
                ).save(path)
     cfg = evaluation.EvalConfig(task="echo", strategy=f"base,expert:{path}", batch_size=4,
                                 workers=1, out=str(tmp_path / "out"))
+    reads, real_read = [], svf.read_tensors
+    monkeypatch.setattr(svf, "read_tensors", lambda p, *a, **k: reads.append(str(p))
+                        or real_read(p, *a, **k))
     base, expert = evaluation.main(cfg)
+    assert reads == [str(path)]  # each expert file is read once
     assert base["strategy"] == "base" and expert["strategy"] == f"expert:{path}" and base["n"] == 12
     read = lambda s: {json.loads(l)["id"]: json.loads(l)["correct"] for l in
                       (evaluation.task_folder(replace(cfg, strategy=s), "echo") / "responses.jsonl")
