@@ -33,7 +33,6 @@ def test_classify_uses_z_then_returns_to_base():
     model, tok = tiny_wrapped_model(), CharTokenizer()
     questions = ["what is 2 + 2?", "write a function", "which gas do plants take in?"]
     base = adapt.classify(model, tok, questions, batch_size=2)
-    assert all(label in cls.LABELS for label in base)
     assert adapt.classify(model, tok, questions[1:2]) == base[1:2]  # batching changes nothing
     z = random_expert(model, 3)
     with_z = adapt.classify(model, tok, questions, z=z)
@@ -46,6 +45,8 @@ def test_classify_uses_z_then_returns_to_base():
     by_sum = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k])) for p in prompts]
     by_mean = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k]) / len(replies[k])) for p in prompts]
     svf.use_expert(model, None)
+    base_sum = [max(range(len(replies)), key=lambda k: plain_logprob(p, replies[k])) for p in prompts]
+    assert base == [cls.LABELS[k] for k in base_sum]   # the base model read by the same rule
     assert with_z == [cls.LABELS[k] for k in by_sum]   # the default: summed over the reply's tokens
     assert adapt.classify(model, tok, questions, z=z, reduce="mean") == [cls.LABELS[k] for k in by_mean]
     assert all(m.merged is None for m in svf.wrappers(model).values())

@@ -10,7 +10,7 @@ import replies
 import rl
 import svf
 from data import cls
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, generate
 from tiny import (TINY_WIDE, CharTokenizer, tiny_wrapped_model)
 
 
@@ -76,8 +76,17 @@ def test_cls_task_runs_in_the_reinforce_trainer():
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
     stats = rl.train_step(model, CharTokenizer(), cls.CLS_TASK, problems, z, opt, cfg, gen)
-    assert 0 <= stats["accuracy"] <= 1 and stats["tokens"] <= 4 * cls.CLS_TASK.max_new_tokens
-    assert 0 <= rl.validate(model, CharTokenizer(), cls.CLS_TASK, problems, z, batch=2) <= 1
+    # rewards are +1 / -1: the mean reward and the accuracy of the same samples agree
+    assert stats["reward"] == pytest.approx(2 * stats["accuracy"] - 1)
+    assert stats["groups"] == 2 and stats["tokens"] <= 4 * cls.CLS_TASK.max_new_tokens
+    # validation: greedy answers with z, scored by the task, computed here once more
+    tok, task = CharTokenizer(), cls.CLS_TASK
+    svf.use_expert(model, {n: v.detach() for n, v in z.items()})
+    outs = generate(model, tok, [tok.encode_chat(task.messages(p)) for p in problems],
+                    task.max_new_tokens)
+    svf.use_expert(model, None)
+    expected = sum(task.score(p, c.text) for p, c in zip(problems, outs)) / len(problems)
+    assert rl.validate(model, tok, task, problems, z, batch=2) == expected
 
 
 def test_the_cls_expert_trains_on_the_scores_the_first_pass_reads():
