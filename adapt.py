@@ -26,10 +26,10 @@ replies branch off it), and never an unparsable answer.
 Training the classification expert raises the probability of the right reply "\\boxed{math}",
 which is exactly what this reading compares (data/cls.py says which rollouts it needs).
 
-Fixes to the official code (the paper's known pitfalls): "other" really resets to the base model; the
-classification expert never sees an evaluation question; mixing happens in the space z was
-trained in (svf.mix on plain z), and a mixture of near-identity experts is the base model, not a
-rescaled one.
+Fixes to the official code (the paper's known pitfalls): "other" really resets to the base
+model; the classification expert never sees an evaluation question; mixing happens in the space
+z was trained in (svf.mix on plain z), and a mixture of near-identity experts is the base
+model, not a rescaled one.
 """
 from __future__ import annotations
 
@@ -55,19 +55,20 @@ from replies import reply_logprobs
 @torch.inference_mode()
 def label_logprobs(model: Transformer, tokenizer, questions: list[str], z: dict | None = None,
                    batch_size: int = 16, share_prefix: bool = True) -> torch.Tensor:
-    """log p(reply | question) of the four replies "\\boxed{label}" (LABELS order) under the base model
-    (z None) or expert z, summed over each reply's tokens: (questions, 4). share_prefix: compute the
-    system prompt that every question shares once per batch (False: every row in full)."""
+    """log p(reply | question) of the four replies "\\boxed{label}" (LABELS order) under the base
+    model (z None) or expert z, summed over each reply's tokens: (questions, 4). share_prefix:
+    compute the system prompt every question shares once per batch (False: every row in full)."""
     svf.use_expert(model, z)  # composed once for the whole batch
     try:
         prompts = [tokenizer.encode_chat(classify_messages(q)) for q in questions]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: less padding
+        # similar lengths side by side: less padding
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         replies = [tokenizer.encode(r) for r in CLS_TASK.option_responses()]
         out = torch.zeros(len(prompts), len(LABELS), dtype=torch.float64)
         for i in tqdm(range(0, len(order), batch_size), desc="classify", leave=False):
             idx = order[i:i + batch_size]
-            logp = reply_logprobs(model, [prompts[j] for j in idx], [replies] * len(idx), tokenizer.pad_id,
-                                  share_prefix)
+            logp = reply_logprobs(model, [prompts[j] for j in idx], [replies] * len(idx),
+                                  tokenizer.pad_id, share_prefix)
             out[idx] = torch.stack(logp).double().cpu()
     finally:
         svf.use_expert(model, None)
@@ -76,14 +77,15 @@ def label_logprobs(model: Transformer, tokenizer, questions: list[str], z: dict 
 
 def reply_lengths(tokenizer) -> torch.Tensor:
     """Tokens of each reply "\\boxed{label}": "reasoning" takes one more than the others."""
-    return torch.tensor([len(tokenizer.encode(r)) for r in CLS_TASK.option_responses()], dtype=torch.float64)
+    lengths = [len(tokenizer.encode(r)) for r in CLS_TASK.option_responses()]
+    return torch.tensor(lengths, dtype=torch.float64)
 
 
 def read_labels(logp: torch.Tensor, lengths: torch.Tensor, reduce: str = "sum") -> list[str]:
-    """The likeliest label of each row of label_logprobs: by the reply's log-probability summed over its
-    tokens (reduce "sum"), or by its per-token mean ("mean"). The sum penalises "reasoning" by its one
-    token more, but the mean over-corrects: read by the base model, it sends most math to reasoning
-    (eval.py --routing reports both; RESULTS.md has the figures)."""
+    """The likeliest label of each row of label_logprobs: by the reply's log-probability summed
+    over its tokens (reduce "sum"), or by its per-token mean ("mean"). The sum penalises
+    "reasoning" by its one token more, but the mean over-corrects: read by the base model, it
+    sends most math to reasoning (eval.py --routing reports both; RESULTS.md has the figures)."""
     if reduce not in ("mean", "sum"):
         raise ValueError(f"unknown reduce {reduce!r}: choose mean or sum")
     scores = logp / lengths if reduce == "mean" else logp
@@ -91,8 +93,9 @@ def read_labels(logp: torch.Tensor, lengths: torch.Tensor, reduce: str = "sum") 
 
 
 @torch.inference_mode()
-def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None, batch_size: int = 16,
-             method: str = "likelihood", share_prefix: bool = True, reduce: str = "sum") -> list[str]:
+def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None = None,
+             batch_size: int = 16, method: str = "likelihood", share_prefix: bool = True,
+             reduce: str = "sum") -> list[str]:
     """A label from LABELS for every question, read by the base model (z None) or by expert z.
 
     method "likelihood": the likeliest reply "\\boxed{label}" (reduce, see read_labels: as the
@@ -116,26 +119,28 @@ def classify(model: Transformer, tokenizer, questions: list[str], z: dict | None
 
 
 def dispatch(labels: list[str | None]) -> list[str]:
-    """The expert that answers each problem: the label's expert, else "base" (z = None, the base model).
-    (The official code keeps the previous expert loaded for "other".)"""
+    """The expert that answers each problem: the label's expert, else "base" (z = None, the base
+    model). The official code keeps the previous expert loaded for "other"."""
     return [LABEL_TO_EXPERT.get(label, "base") for label in labels]
 
 
-# ----------------------------------------------------------------------------- few-shot: the cross-entropy method
-Score = tuple[float, float]  # (accuracy, mean log-likelihood of the correct answers): compared in that order
+# ----------------------------------------------------------------------------- few-shot: CEM
+# (accuracy, mean log-likelihood of the correct answers): compared in that order
+Score = tuple[float, float]
 
 
-def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 32, elite_ratio: float = 0.2,
-        generations: int = 10, init_mean: float | None = None, init_std: float = 0.5,
+def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 32,
+        elite_ratio: float = 0.2, generations: int = 10, init_mean: float | None = None, init_std: float = 0.5,
         clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0, history: list[dict] | None = None,
         on_generation: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
-    """Maximise objective(alpha) over alpha in [0, 1]^dim; returns the best alpha and per-generation stats.
+    """Maximise objective(alpha) over alpha in [0, 1]^dim; returns the best alpha and the stats
+    of each generation.
 
-    Each generation samples `population` alphas from a diagonal Gaussian (clamped), evaluates them and
-    the previous best again, refits mean and std on the top elite_ratio, and keeps the best. Scores are
-    tuples, so ties on accuracy go to the higher log-likelihood. init_mean None: 1 / dim.
-    history: the generations an interrupted search (same settings) finished; the search goes on from
-    them exactly. on_generation(stats) sees each generation's stats as it ends (to save them).
+    Each generation samples `population` alphas from a diagonal Gaussian (clamped), evaluates
+    them and the previous best again, refits mean and std on the top elite_ratio, and keeps the
+    best. Scores are tuples, so ties on accuracy go to the higher log-likelihood. init_mean
+    None: 1 / dim. history: the generations an interrupted search (same settings) finished; the
+    search goes on from them exactly. on_generation(stats) sees each generation as it ends.
     """
     g = torch.Generator().manual_seed(seed)
     mean = torch.full((dim,), 1 / dim if init_mean is None else init_mean, dtype=torch.float64)
@@ -143,18 +148,22 @@ def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 
     n_elite = max(1, round(population * elite_ratio))
     best: torch.Tensor | None = None
     history = list(history or [])
-    for _ in history:  # replay the draws of the generations done: the generator goes on where it was
+    for _ in history:  # replay the draws of the generations done: the generator goes on from there
         torch.randn(population, dim, generator=g, dtype=torch.float64)
     if history:
         mean, std, best = (torch.tensor(history[-1][k], dtype=torch.float64)
                            for k in ("alpha_mean", "alpha_std", "best_alpha"))
     # one tick per objective call: a call can take minutes (the k shots are answered anew)
-    bar = tqdm(total=generations * (population + 1) - 1, initial=max(len(history) * (population + 1) - 1, 0),
+    per_generation = population + 1
+    bar = tqdm(total=generations * per_generation - 1,
+               initial=max(len(history) * per_generation - 1, 0),
                desc="CEM", unit="candidate", leave=False)
     for gen in range(len(history), generations):
         t0 = time.perf_counter()
-        samples = (mean + std * torch.randn(population, dim, generator=g, dtype=torch.float64)).clamp(*clamp)
-        candidates = list(samples) + ([] if best is None else [best])   # the previous best is re-evaluated
+        noise = torch.randn(population, dim, generator=g, dtype=torch.float64)
+        samples = (mean + std * noise).clamp(*clamp)
+        # the previous best is evaluated again
+        candidates = list(samples) + ([] if best is None else [best])
         scores = []
         for a in candidates:
             scores.append(tuple(objective(a)))
@@ -163,9 +172,10 @@ def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 
         elites = torch.stack([candidates[i] for i in order[:n_elite]])  # (n_elite, dim)
         mean, std = elites.mean(0), elites.std(0, unbiased=False)
         best = candidates[order[0]]
+        population_mean = [sum(s[k] for s in scores) / len(scores) for k in range(2)]
         history.append({"generation": gen + 1, "best": list(scores[order[0]]),
-                        "population_mean": [sum(s[k] for s in scores) / len(scores) for k in range(2)],
-                        "alpha_mean": mean.tolist(), "alpha_std": std.tolist(), "best_alpha": best.tolist(),
+                        "population_mean": population_mean, "alpha_mean": mean.tolist(),
+                        "alpha_std": std.tolist(), "best_alpha": best.tolist(),
                         "seconds": time.perf_counter() - t0})
         if on_generation:
             on_generation(history[-1])
