@@ -130,9 +130,9 @@ Score = tuple[float, float]
 
 
 def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 32,
-        elite_ratio: float = 0.2, generations: int = 10, init_mean: float | None = None, init_std: float = 0.5,
-        clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0, history: list[dict] | None = None,
-        on_generation: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
+        elite_ratio: float = 0.2, generations: int = 10, init_mean: float | None = None,
+        init_std: float = 0.5, clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0,
+        history: list[dict] | None = None, on_generation: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Maximise objective(alpha) over alpha in [0, 1]^dim; returns the best alpha and the stats
     of each generation.
 
@@ -206,8 +206,8 @@ def pick_shots(task_name: str, split: str, problems: list[dict], k: int, seed: i
 
 
 @torch.no_grad()
-def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                micro_batch: int = 4) -> float:
+def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[list[int]],
+                pad_id: int, micro_batch: int = 4) -> float:
     """Mean over responses of the per-token mean log p(response | prompt). Micro-batches bound the
     (tokens, vocab) logits in memory (a MATH solution is hundreds of tokens)."""
     means = []
@@ -218,22 +218,25 @@ def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[li
     return sum(means) / len(means)
 
 
-def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: list[dict],
-                      per_layer: bool = False, answer: str = "generate") -> Callable[[torch.Tensor], Score]:
-    """objective(alpha) -> (accuracy on the shots, mean log-likelihood of their correct answers), for
-    z' = svf.mix(experts, alpha) = 1 + sum_k alpha_k (z_k - 1). alpha: (K,), or (K * M,) with per_layer (one weight per expert per
-    matrix, M matrices). Weights are composed once per alpha, not cached.
+def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: list[dict],
+                      experts: list[dict], per_layer: bool = False,
+                      answer: str = "generate") -> Callable[[torch.Tensor], Score]:
+    """objective(alpha) -> (accuracy on the shots, mean log-likelihood of their correct answers),
+    for z' = svf.mix(experts, alpha) = 1 + sum_k alpha_k (z_k - 1). alpha: (K,), or (K * M,)
+    with per_layer (one weight per expert per matrix, M matrices). Weights are composed once per
+    alpha, not cached.
 
-    answer="generate": greedy answers, and the per-token log-likelihood of the reference responses.
-    answer="likelihood" (multiple choice, as eval.py --answer likelihood): the likeliest option is the
-    answer, and the tie-breaker is log p(correct option) under the softmax over the options; one
-    forward pass per alpha, no generation."""
+    answer="generate": greedy answers, and the per-token log-likelihood of the reference
+    responses. answer="likelihood" (multiple choice, as eval.py --answer likelihood): the
+    likeliest option is the answer, and the tie-breaker is log p(correct option) under the
+    softmax over the options; one forward pass per alpha, no generation."""
     prompts = [tokenizer.encode_chat(task.messages(p)) for p in shots]
     references = [tokenizer.encode(task.reference_response(p)) for p in shots]
     K, M = len(experts), len(experts[0])
 
     def generated() -> Score:
-        outs = generate(model, tokenizer, prompts, task.max_new_tokens, stop_strings=tuple(task.stop))
+        outs = generate(model, tokenizer, prompts, task.max_new_tokens,
+                        stop_strings=tuple(task.stop))
         accuracy = sum(task.score_many(shots, [c.text for c in outs])) / len(shots)
         return accuracy, mean_loglik(model, prompts, references, tokenizer.pad_id)
 
@@ -259,25 +262,25 @@ def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: lis
     return objective
 
 
-def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict], experts: dict[str, dict],
-            per_layer: bool = False, generations: int = 10, population: int = 32, seed: int = 0,
-            answer: str = "generate", history: list[dict] | None = None,
-            on_generation: Callable[[dict], None] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The adapted z' for a task, and a report: expert names, the best alpha, the shots' ids and the
-    CEM history (for eval.py to save as JSON).
+def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict],
+            experts: dict[str, dict], per_layer: bool = False, generations: int = 10,
+            population: int = 32, seed: int = 0, answer: str = "generate", history: list[dict] | None = None,
+            on_generation: Callable[[dict], None] | None = None):
+    """The adapted z' for a task, and a report: expert names, the best alpha, the shots' ids and
+    the CEM history (for eval.py to save as JSON).
 
-    Cost: population + 1 objective calls per generation (population in the first), each a greedy
-    generation of the k shots plus a forward pass over their references. The paper ran 50-100
-    generations; 10 keeps a CPU run to hours rather than days. history, on_generation: see cem()."""
+    Cost: population + 1 objective calls per generation (population in the first), each a
+    greedy generation of the k shots plus a forward pass over their references. The paper ran
+    50-100 generations; fewer keep a CPU run short. history, on_generation: see cem()."""
     names, zs = list(experts), list(experts.values())
     K, M = len(zs), len(zs[0])
     objective = fewshot_objective(model, tokenizer, task, shots, zs, per_layer, answer)
     alpha, history = cem(objective, K * M if per_layer else K, population, generations=generations,
                          init_mean=1 / K, seed=seed, history=history, on_generation=on_generation)
     alphas = alpha.view(K, M) if per_layer else alpha
-    report = {"task": task.name, "experts": names, "per_layer": per_layer, "answer": answer, "alpha": alphas.tolist(),
-              "best": history[-1]["best"], "shots": [s["id"] for s in shots], "population": population,
-              "history": history}
+    report = {"task": task.name, "experts": names, "per_layer": per_layer, "answer": answer,
+              "alpha": alphas.tolist(), "best": history[-1]["best"],
+              "shots": [s["id"] for s in shots], "population": population, "history": history}
     return svf.mix(zs, alphas.float()), report
 
 
@@ -335,36 +338,41 @@ def fewshot_name(task) -> str:
 
 
 def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, loaded: dict[str, dict],
-               shot_problems: list[dict], generations: int, population: int, per_layer: bool, read_by: str,
-               batch_size: int, seed: int, out: Path, how: str = "generate", searched: list[dict] | None = None,
-               on_generation=None) -> tuple[list[str], dict[str, dict | None], list[str | None]]:
-    """Decide the expert of every problem: choice[i] names it, experts maps names to z (None: the base
-    model); labels[i] is the category the classifier read (prompt, cls), else None. fewshot: the search
-    goes on from the generations in `searched`, and on_generation(stats) sees each new one."""
+               shot_problems: list[dict], generations: int, population: int, per_layer: bool,
+               read_by: str, batch_size: int, seed: int, out: Path, how: str = "generate",
+               searched: list[dict] | None = None, on_generation=None):
+    """Decide the expert of every problem: (choice, experts, labels). choice[i] names it,
+    experts maps names to z (None: the base model); labels[i] is the category the classifier
+    read (prompt, cls), else None. fewshot: the search goes on from the generations in
+    `searched`, and on_generation(stats) sees each new one."""
     labels: list[str | None] = [None] * len(problems)
     experts = strategy_experts(strategy, loaded)
     if strategy in ("prompt", "cls"):
-        questions = [p["question"] for p in problems]  # the question asked, not the task's instructions
-        labels = classify(model, tokenizer, questions, loaded["cls"] if strategy == "cls" else None,
-                                batch_size, read_by)
+        # the question asked, not the task's instructions
+        questions = [p["question"] for p in problems]
+        labels = classify(model, tokenizer, questions,
+                          loaded["cls"] if strategy == "cls" else None, batch_size, read_by)
         return dispatch(labels), experts, labels
     if strategy != "fewshot":  # one expert (or the base model, or an adapter) for every problem
         [name] = experts
         return [name] * len(problems), experts, labels
     name = fewshot_name(task)
-    z, report = fewshot(model, tokenizer, task, shot_problems, {n: loaded[n] for n in DOMAIN_EXPERTS},
-                              per_layer, generations, population, seed, how, searched, on_generation)
+    domain = {n: loaded[n] for n in DOMAIN_EXPERTS}
+    z, report = fewshot(model, tokenizer, task, shot_problems, domain, per_layer, generations,
+                        population, seed, how, searched, on_generation)
     (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
     save_adapted(out / "fewshot.safetensors", model, z, report)
-    alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], torch.tensor(report["alpha"]).reshape(
-        len(report["experts"]), -1).mean(1).tolist()))
+    means = torch.tensor(report["alpha"]).reshape(len(report["experts"]), -1).mean(1).tolist()
+    alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], means))
     print(f"{task.name}: few-shot alpha ({'mean over matrices: ' if per_layer else ''}{alpha}), "
-          f"shot accuracy {report['best'][0]:.0%}, log-likelihood {report['best'][1]:.3f}", flush=True)
+          f"shot accuracy {report['best'][0]:.0%}, log-likelihood {report['best'][1]:.3f}",
+          flush=True)
     return [name] * len(problems), {name: z}, labels
 
 
-def second_pass(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None], choice: list[str],
-           batch_size: int, max_new_tokens: int, how: str = "generate", on_batch=None) -> list[Completion]:
+def second_pass(model, tokenizer, task, problems: list[dict], experts: dict[str, dict | None],
+                choice: list[str], batch_size: int, max_new_tokens: int, how: str = "generate",
+                on_batch=None) -> list[Completion]:
     """Answer each problem with the expert chosen for it, grouped by expert so that
     each expert's weights are composed once and its problems are generated in batches
     (how="likelihood": the likeliest option is the answer, see choose_options).
@@ -382,8 +390,9 @@ def second_pass(model, tokenizer, task, problems: list[dict], experts: dict[str,
                                   desc=f"{task.name} [{name}, likelihood]", on_batch=done)
         else:
             prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
-            outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]", on_batch=done,
-                                max_new_tokens=max_new_tokens or task.max_new_tokens, stop_strings=tuple(task.stop))
+            outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]",
+                                on_batch=done, stop_strings=tuple(task.stop),
+                                max_new_tokens=max_new_tokens or task.max_new_tokens)
         for i, c in zip(idx, outs):
             completions[i] = c
     svf.use_expert(model, None)
@@ -399,8 +408,9 @@ def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int
     outs = []
     for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
         group = problems[i:i + batch_size]
+        logits = replies.option_logits(model, tokenizer, task, group, 1.0)
         chosen = [Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood")
-                  for p, lp in zip(group, replies.option_logits(model, tokenizer, task, group, 1.0))]
+                  for p, lp in zip(group, logits)]
         outs += chosen
         if on_batch:
             on_batch(list(range(i, i + len(group))), chosen)
