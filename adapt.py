@@ -132,7 +132,8 @@ Score = tuple[float, float]
 def cem(objective: Callable[[torch.Tensor], Score], dim: int, population: int = 32,
         elite_ratio: float = 0.2, generations: int = 10, init_mean: float | None = None,
         init_std: float = 0.5, clamp: tuple[float, float] = (0.0, 1.0), seed: int = 0,
-        history: list[dict] | None = None, on_generation: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
+        history: list[dict] | None = None,
+        on_generation: Callable[[dict], None] | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Maximise objective(alpha) over alpha in [0, 1]^dim; returns the best alpha and the stats
     of each generation.
 
@@ -264,7 +265,8 @@ def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: lis
 
 def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict],
             experts: dict[str, dict], per_layer: bool = False, generations: int = 10,
-            population: int = 32, seed: int = 0, answer: str = "generate", history: list[dict] | None = None,
+            population: int = 32, seed: int = 0, answer: str = "generate",
+            history: list[dict] | None = None,
             on_generation: Callable[[dict], None] | None = None):
     """The adapted z' for a task, and a report: expert names, the best alpha, the shots' ids and
     the CEM history (for eval.py to save as JSON).
