@@ -2,12 +2,13 @@
 
     python eval.py --task gsm8k --strategy base --limit 200
     python eval.py --task all --strategy base
-    python eval.py --task arc_easy --strategy expert:arc_easy      # a shipped expert (experts/arc_easy.safetensors)
-    python eval.py --strategy prompt                                # the unseen tasks, the base model picks the expert
-    python eval.py --strategy cls                                   # ... the classification expert picks it
-    python eval.py --strategy fewshot                               # ... CEM mixes the experts on 10 shots
-    python eval.py --task gsm8k --adapter gsm8k                     # the LoRA baseline (adapters/gsm8k.safetensors)
-    python eval.py --routing                                        # the first passes' confusion matrices
+    python eval.py --task arc_easy --strategy expert:arc_easy  # experts/arc_easy.safetensors
+    python eval.py --strategy prompt        # the unseen tasks: the base model picks the expert
+    python eval.py --strategy cls           # ... the classification expert picks it
+    python eval.py --strategy fewshot       # ... CEM mixes the experts on 10 shots
+    python eval.py --task gsm8k --adapter gsm8k   # the LoRA baseline (adapters/gsm8k.safetensors)
+    python eval.py --routing                # the first passes' confusion matrices
+    python eval.py --task arc_challenge --answer likelihood --strategy base,cls  # paired
 
 Strategies (paper section 3.2, see adapt.py). A first pass decides the expert of each problem,
 a second pass answers, grouped by expert:
@@ -62,7 +63,7 @@ from model import Completion
 
 UNSEEN = ["arc_challenge", "humaneval", "math"]
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
-ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # the LoRA baselines shipped with the repo
+ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # the shipped LoRA baselines
 DOMAIN_EXPERTS = adapt.DOMAIN_EXPERTS  # gsm8k (math), mbpp (code), arc_easy (reasoning)
 
 
@@ -132,11 +133,13 @@ def subset(problems: list[dict], limit: int, seed: int) -> list[dict]:
 
 
 def resolve_experts(names: list[str], experts_dir: Path) -> dict[str, Path]:
-    """name -> file of each expert (NAME.safetensors in experts_dir, or a .safetensors path); an error
-    that names every missing file."""
-    paths = {n: Path(n) if n.endswith(".safetensors") else experts_dir / f"{n}.safetensors" for n in names}
-    missing = [f"{p}" + (f" (train it: python train.py --task {n}, then copy its best.safetensors there)"
-                         if n in DOMAIN_EXPERTS + ["cls"] else "") for n, p in paths.items() if not p.exists()]
+    """name -> file of each expert (NAME.safetensors in experts_dir, or a .safetensors path); an
+    error that names every missing file."""
+    paths = {n: Path(n) if n.endswith(".safetensors") else experts_dir / f"{n}.safetensors"
+             for n in names}
+    hint = " (train it: python train.py --task {}, then copy its best.safetensors there)"
+    missing = [f"{p}" + (hint.format(n) if n in DOMAIN_EXPERTS + ["cls"] else "")
+               for n, p in paths.items() if not p.exists()]
     if missing:
         there = sorted(p.stem for p in experts_dir.glob("*.safetensors"))
         fail(f"missing expert file(s): {'; '.join(missing)}; "
@@ -177,24 +180,24 @@ def load_experts(model, paths: dict[str, Path],
     return loaded
 
 
-# The version of the code that makes a summary: raised when a fix changes what a strategy gives, so that
-# results.py can mark the cells made before it. 2: few-shot mixes the experts' changes, and the first
-# pass reads the question asked (not the task's instructions) with a classification expert trained on it.
+# The version of the code that makes a summary: raised when a fix changes what a strategy gives,
+# so that results.py can mark the cells made before it. 2: few-shot mixes the experts' changes,
+# and the first pass reads the question asked with a classification expert trained on it.
 CODE_VERSION = 2
 
 
-# ----------------------------------------------------------------------------- an interrupted run goes on
+# ----------------------------------------------------------------------------- resuming
 PARTIAL = "partial.jsonl"  # in a task's output folder while its evaluation is unfinished
 
 
-def resume_from(path: Path, run: dict, resume: bool) -> tuple[dict | None, dict[str, dict], list[dict]]:
-    """What an interrupted run of this same evaluation saved in path: its first pass (None if it did not
-    finish it), its answers by problem id, and the few-shot search's finished generations. Without
-    resume, or with nothing saved, path starts anew.
+def resume_from(path: Path, run: dict, resume: bool):
+    """What an interrupted run of this same evaluation saved in path: its first pass (None if it
+    did not finish it), its answers by problem id, and the few-shot search's finished
+    generations. Without resume, or with nothing saved, path starts anew.
 
-    The file's JSON lines: {"run": settings} first, one {"cem": ...} per CEM generation (fewshot), then
-    {"first_pass": ...} once that is done, then one {"answer": ...} per problem as its batch is done.
-    A line cut short by the interruption is dropped."""
+    The file's JSON lines: {"run": settings} first, one {"cem": ...} per CEM generation
+    (fewshot), then {"first_pass": ...} once that is done, then one {"answer": ...} per problem
+    as its batch is done. A line cut short by the interruption is dropped."""
     if not (resume and path.exists()):
         path.write_text(json.dumps({"run": run}) + "\n")
         return None, {}, []
@@ -223,7 +226,8 @@ def append_line(path: Path, record: dict) -> None:
 def task_folder(cfg: EvalConfig, task_name: str) -> Path:
     """OUT/STRATEGY/TASK, with -likelihood after the strategy when answers are read so."""
     folder = cfg.strategy.replace(":", "-").replace("/", "_")
-    return Path(cfg.out) / (folder + ("-likelihood" if cfg.answer == "likelihood" else "")) / task_name
+    folder += "-likelihood" if cfg.answer == "likelihood" else ""
+    return Path(cfg.out) / folder / task_name
 
 
 def task_problems(cfg: EvalConfig, task_name: str) -> tuple[list[dict], list[dict]]:
@@ -390,7 +394,8 @@ def summary_line(s: dict, out: Path) -> str:
     routed = f"  experts {s['experts']}" if s["labels"] is not None else ""
     return (f"{s['task']:14s} {shown:12s} accuracy {s['accuracy']:6.1%}  {s['correct']}/{s['n']}  "
             f"95% CI [{lo:.1%}, {hi:.1%}]  no answer {s['no_answer']}  "
-            f"first pass {s['first_pass_s']:.0f}s, second {s['second_pass_s']:.0f}s  -> {out}{dist}{routed}")
+            f"first pass {s['first_pass_s']:.0f}s, second {s['second_pass_s']:.0f}s  "
+            f"-> {out}{dist}{routed}")
 
 
 def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: int, out_dir: Path,
@@ -401,22 +406,24 @@ def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: in
     true domain, columns the label read; written to OUT/routing/summary.json."""
     problems = subset(cls.cls_problems("validation"), limit, seed)
     questions, truth = [p["question"] for p in problems], [p["answer"] for p in problems]
-    summary = {"n": len(problems), "split": "validation", "limit": limit, "seed": seed, "command": command}
+    summary = {"n": len(problems), "split": "validation", "limit": limit, "seed": seed,
+               "command": command}
     lengths = adapt.reply_lengths(tokenizer)
     summary["reply_tokens"] = dict(zip(cls.LABELS, lengths.int().tolist()))
     for strategy, z in (("prompt", None), ("cls", cls_z)):
         t0 = time.perf_counter()
         logp = adapt.label_logprobs(model, tokenizer, questions, z, batch_size)
         seconds = time.perf_counter() - t0
-        for reduce in ("sum", "mean"):  # the first pass reads the sum; the per-token mean for comparison
+        for reduce in ("sum", "mean"):  # the first pass reads the sum; the mean for comparison
             labels = adapt.read_labels(logp, lengths, reduce)
             correct = sum(label == t for label, t in zip(labels, truth))
             confusion = {t: {label: sum(l == label and tt == t for l, tt in zip(labels, truth))
                              for label in cls.LABELS} for t in dict.fromkeys(truth)}
             key = strategy if reduce == "sum" else f"{strategy}-mean"
-            summary[key] = {"correct": correct, "accuracy": correct / len(problems), "reduce": reduce,
-                            "ci95": wilson(correct, len(problems)), "confusion": confusion, "seconds": seconds}
-            print(f"{key}: {correct}/{len(problems)} labelled with their domain ({correct / len(problems):.1%})")
+            n = len(problems)
+            summary[key] = {"correct": correct, "accuracy": correct / n, "reduce": reduce,
+                            "ci95": wilson(correct, n), "confusion": confusion, "seconds": seconds}
+            print(f"{key}: {correct}/{n} labelled with their domain ({correct / n:.1%})")
             print("  true \\ read " + "".join(f"{label:>10s}" for label in cls.LABELS))
             for t, row in confusion.items():
                 print(f"  {t:12s}" + "".join(f"{row[label]:10d}" for label in cls.LABELS))
@@ -442,7 +449,8 @@ def check(cfg: EvalConfig) -> list[str]:
         else cfg.task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
-            fail(f"unknown task {t!r} (--task); choose from {', '.join(data.SPLITS)}, all or unseen")
+            fail(f"unknown task {t!r} (--task); choose from {', '.join(data.SPLITS)}, all or "
+                 "unseen")
         if cfg.split not in data.SPLITS[t]:
             fail(f"task {t!r} has no split {cfg.split!r} (--split; it has "
                  f"{', '.join(data.SPLITS[t])})")
@@ -458,7 +466,8 @@ def check(cfg: EvalConfig) -> list[str]:
 
 def check_adapter(adapter: str) -> None:
     """A missing or corrupt adapter file, named before the model is loaded."""
-    path = Path(adapter) if adapter.endswith(".safetensors") else ADAPTERS_DIR / f"{adapter}.safetensors"
+    path = Path(adapter) if adapter.endswith(".safetensors") \
+        else ADAPTERS_DIR / f"{adapter}.safetensors"
     if not path.is_file():
         fail(f"no adapter {path} (--adapter; train one: python train.py --task TASK --method lora)")
     try:
