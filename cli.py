@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # --dtype's choices (auto: float32 on CPU, bfloat16 on CUDA)
+# --dtype's choices (auto: float32 on CPU, bfloat16 on CUDA)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class BadInput(SystemExit):
@@ -78,7 +79,8 @@ def add_options(p: argparse.ArgumentParser, config: type, defaults: dict | None 
 
 
 # ----------------------------------------------------------------------------- argparse types
-# Each takes the flag's text and returns its value, or raises ArgumentTypeError; argparse then prints
+# Each takes the flag's text and returns its value, or raises ArgumentTypeError; argparse then
+# prints
 # "argument --FLAG: MESSAGE" and exits with status 2.
 def _number(text: str, kind: type) -> int | float:
     try:

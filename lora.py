@@ -39,7 +39,8 @@ TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
 @dataclass
 class LoRAConfig:
     rank: int = 16          # r: the rank of the update B A
-    alpha: float = 32.0     # the update is scaled by alpha / r, so changing r keeps its size comparable
+    # the update is scaled by alpha / r, so changing r keeps its size comparable
+    alpha: float = 32.0
     dropout: float = 0.05   # dropout on the adapter's input only (the base path never sees it)
     targets: str = "qv"     # a key of TARGETS
 
@@ -79,13 +80,16 @@ class LoRALinear(nn.Module):
         y = llama.linear(x, self.base.weight, self.base.bias)
         if self.A is None:
             return y
-        # the small path in the adapter's float32 (or float64) even under a bfloat16 base, as in PEFT
+        # the small path in the adapter's float32 (or float64) even under a bfloat16 base, as in
+        # PEFT
         h = x.to(torch.promote_types(x.dtype, self.A.dtype))
         if self.p > 0 and self.generator is not None:
-            # an explicit generator, not nn.Dropout: a resumed run restores its state and draws the same masks
+            # an explicit generator, not nn.Dropout: a resumed run restores its state and draws the
+            # same masks
             keep = torch.rand(h.shape, generator=self.generator, device=h.device) >= self.p
             h = h * keep / (1 - self.p)
-        delta = llama.linear(llama.linear(h, self.A.to(h.dtype)), self.B.to(h.dtype))  # (..., rank) then (..., out)
+        # (..., rank) then (..., out)
+        delta = llama.linear(llama.linear(h, self.A.to(h.dtype)), self.B.to(h.dtype))
         return y + (self.scale * delta).to(y.dtype)
 
 
@@ -94,11 +98,13 @@ def attach(model: nn.Module, cfg: LoRAConfig) -> None:
     for name in target_names(model, cfg.targets):
         m = model.get_submodule(name)
         if isinstance(m, LoRALinear):
-            # the scale belongs to the trained A and B: silently changing it would change the adapter
+            # the scale belongs to the trained A and B: silently changing it would change the
+            # adapter
             if (m.rank, m.scale) != (cfg.rank, cfg.scale):
                 raise ValueError(f"{name} already carries LoRA rank {m.rank}, scale {m.scale}; this config asks "
                                  f"rank {cfg.rank}, scale {cfg.scale} (alpha / rank): use a fresh model")
-            m.p = cfg.dropout  # dropout only matters in training, so it may follow the newest config
+            # dropout only matters in training, so it may follow the newest config
+            m.p = cfg.dropout
         elif isinstance(m, nn.Linear):  # model.Linear is one
             parent, child = name.rsplit(".", 1)
             setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout))
@@ -141,7 +147,8 @@ def train_ab(model: nn.Module, params: dict[str, torch.Tensor] | None, generator
         check_params(model, params)
     for n, m in wrappers(model).items():
         m.merged, m.generator = None, (None if params is None else generator)
-        # views, not the Parameters themselves: nn.Module would register a Parameter as the model's own
+        # views, not the Parameters themselves: nn.Module would register a Parameter as the model's
+        # own
         m.A = None if params is None else params[f"{n}.A"].view_as(params[f"{n}.A"])
         m.B = None if params is None else params[f"{n}.B"].view_as(params[f"{n}.B"])
 
@@ -157,7 +164,8 @@ def use_adapter(model: nn.Module, params: dict[str, torch.Tensor] | None) -> Non
             w = m.base.weight
             dt = torch.promote_types(w.dtype, torch.float32)
             with torch.no_grad():
-                delta = params[f"{n}.B"].to(dt) @ params[f"{n}.A"].to(dt)  # (out, rank) @ (rank, in)
+                # (out, rank) @ (rank, in)
+                delta = params[f"{n}.B"].to(dt) @ params[f"{n}.A"].to(dt)
                 m.merged = (w.to(dt) + m.scale * delta).to(w.dtype)
 
 
@@ -181,7 +189,8 @@ def check_params(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
 @dataclass
 class Adapter:
     params: dict[str, torch.Tensor]
-    meta: dict = field(default_factory=dict)  # base_model fingerprint, lora (asdict(LoRAConfig)), task, config, val score...
+    # base_model fingerprint, lora (asdict(LoRAConfig)), task, config, val score...
+    meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         save_tensors(path, self.params, self.meta)
@@ -196,7 +205,8 @@ class Adapter:
         if model is not None:
             if "lora" not in meta:
                 raise ValueError(f"{path.name} has no 'lora' config in its metadata: is it an SVF expert?")
-            attach(model, LoRAConfig(**meta["lora"]))  # idempotent; refuses a different rank or scale
+            # idempotent; refuses a different rank or scale
+            attach(model, LoRAConfig(**meta["lora"]))
             dev = next(iter(wrappers(model).values())).base.weight.device
             adapter.params = {k: v.to(dev) for k, v in params.items()}
             check_params(model, adapter.params)

@@ -26,7 +26,8 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[li
     rows and max_tokens padded tokens (rows x the longest) in each, so that memory stays bounded
     when one prompt is long (code prompts with their tests run long)."""
     groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):    # longest first: it sets the width
+    # longest first: it sets the width
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         g = groups[-1] if groups else None
         if g and len(g) < max_rows and (len(g) + 1) * lengths[g[0]] <= max_tokens:
             g.append(i)
@@ -52,7 +53,8 @@ def reply_logits(model: Transformer, prompts: list[list[int]], replies: list[lis
     """
     dev = model.tok_embeddings.weight.device
     S = common_prefix(prompts) if share_prefix and not torch.is_grad_enabled() else 0
-    rows, pos, seg, picks = [], [], [], []          # picks: (row, index that predicts, target, reply number)
+    # picks: (row, index that predicts, target, reply number)
+    rows, pos, seg, picks = [], [], [], []
     n_reply = 0
     for b, (p, rs) in enumerate(zip(prompts, replies)):
         toks, ps, sg = list(p[S:]), list(range(S, len(p))), [0] * (len(p) - S)
@@ -68,16 +70,18 @@ def reply_logits(model: Transformer, prompts: list[list[int]], replies: list[lis
         seg.append(sg)
     T, B = max(len(r) for r in rows), len(rows)
     fill = lambda xs, v: torch.tensor([x + [v] * (T - len(x)) for x in xs], device=dev)
-    tokens, positions, segment = fill(rows, pad_id), fill(pos, 0), fill(seg, -1)   # right padding: segment -1
+    # right padding: segment -1
+    tokens, positions, segment = fill(rows, pad_id), fill(pos, 0), fill(seg, -1)
     shared = torch.arange(S, device=dev).expand(B, S)
     key_pos = torch.cat([shared, positions], 1)                                     # (B, S+T)
     key_seg = torch.cat([torch.zeros_like(shared), segment], 1)
-    q, k = torch.arange(S, S + T, device=dev)[:, None], torch.arange(S + T, device=dev)[None, :]   # slots
-    sq, sk = segment[:, :, None], key_seg[:, None, :]                            # (B, T, 1), (B, 1, S+T)
+    # slots
+    q, k = torch.arange(S, S + T, device=dev)[:, None], torch.arange(S + T, device=dev)[None, :]
+    sq, sk = segment[:, :, None], key_seg[:, None, :]  # (B, T, 1), (B, 1, S+T)
     mask = (k <= q)[None] & (sk >= 0) & ((sk == 0) | (sk == sq))
     if model.args.sliding_window:
         mask &= positions[:, :, None] - key_pos[:, None, :] < model.args.sliding_window
-    mask |= (k == q)[None]                                                       # padding sees itself
+    mask |= (k == q)[None]  # padding sees itself
     cache = None
     if S:
         cache = model.new_cache(1, S + T)
@@ -88,7 +92,7 @@ def reply_logits(model: Transformer, prompts: list[list[int]], replies: list[lis
             c.keep_rows(torch.zeros(B, dtype=torch.long, device=dev))             # one copy per row
     h = model.hidden(tokens, positions, mask[:, None], cache, S)                 # (B, T, dim)
     b, at, target, reply = (torch.tensor(c, device=dev) for c in zip(*picks))
-    return model.head(h[b, at]), target, reply                                  # only the N rows needed
+    return model.head(h[b, at]), target, reply  # only the N rows needed
 
 
 def reply_logprobs(model: Transformer, prompts: list[list[int]], replies: list[list[list[int]]],

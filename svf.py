@@ -100,7 +100,8 @@ def decompose(model: nn.Module, targets: str = "mlp", cache: bool = True, cache_
     out = {}
     for n in tqdm(names, desc="SVD", leave=False):
         w = base_weight(model, n)
-        w = w if w.dtype == torch.float64 else w.float()  # float32, or float64 for exact gradient tests
+        # float32, or float64 for exact gradient tests
+        w = w if w.dtype == torch.float64 else w.float()
         U, s, Vh = torch.linalg.svd(w, full_matrices=False)
         out[n] = SVD(U.contiguous(), s.contiguous(), Vh.contiguous())
     if path is not None:
@@ -281,7 +282,8 @@ def check_base_model(meta: dict, path: Path, what: str, model: nn.Module) -> Non
 @dataclass
 class Expert:
     z: dict[str, torch.Tensor]
-    meta: dict = field(default_factory=dict)  # base_model fingerprint, targets, task, config, val score...
+    # base_model fingerprint, targets, task, config, val score...
+    meta: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         save_tensors(path, self.z, self.meta)

@@ -14,7 +14,8 @@ import re
 import data
 
 LABELS = ("code", "math", "reasoning", "other")
-LABEL_TO_EXPERT = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}  # "other": the base model
+# "other": the base model
+LABEL_TO_EXPERT = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}
 ALIASES = {"coding": "code", "programming": "code", "python": "code", "maths": "math", "mathematics": "math",
            "arithmetic": "math", "science": "reasoning", "logic": "reasoning"}
 
@@ -43,7 +44,8 @@ def parse_label(text: str) -> str | None:
     words = boxed[-1] if boxed else stated[-1] if stated else text
     names = {ALIASES.get(w, w) for w in re.findall(r"[a-z]+", words.lower())}
     found = names & set(LABELS)
-    if len(found) != 1 or (not boxed and not stated and len(names) > 1):  # a bare reply: the label alone
+    # a bare reply: the label alone
+    if len(found) != 1 or (not boxed and not stated and len(names) > 1):
         return None
     return found.pop()
 
