@@ -10,7 +10,7 @@ is the default here. Same shape of code as svf.py, so the trainer can drive eith
 
     attach(model, LoRAConfig())            # targets become LoRALinear wrappers (A None: base)
     params = init_params(model, seed)      # {"layers.0.attention.q.A": (r, in), "...B": (out, r)}
-    train_ab(model, params, generator)     # differentiable in A and B only, dropout from `generator`
+    train_ab(model, params, generator)     # differentiable in A and B, dropout from `generator`
     use_adapter(model, adapter.params)     # merged W' composed once: no extra cost per token
 """
 from __future__ import annotations
@@ -94,23 +94,27 @@ class LoRALinear(nn.Module):
 
 
 def attach(model: nn.Module, cfg: LoRAConfig) -> None:
-    """Replace each target linear by a LoRALinear wrapper (idempotent). The base model is unchanged."""
+    """Replace each target linear by a LoRALinear wrapper (idempotent); the base model is
+    unchanged."""
     for name in target_names(model, cfg.targets):
         m = model.get_submodule(name)
         if isinstance(m, LoRALinear):
             # the scale belongs to the trained A and B: silently changing it would change the
             # adapter
             if (m.rank, m.scale) != (cfg.rank, cfg.scale):
-                raise ValueError(f"{name} already carries LoRA rank {m.rank}, scale {m.scale}; this config asks "
-                                 f"rank {cfg.rank}, scale {cfg.scale} (alpha / rank): use a fresh model")
+                raise ValueError(f"{name} already carries LoRA rank {m.rank}, scale {m.scale}; "
+                                 f"this config asks rank {cfg.rank}, scale {cfg.scale} "
+                                 "(alpha / rank): use a fresh model")
             # dropout only matters in training, so it may follow the newest config
             m.p = cfg.dropout
         elif isinstance(m, nn.Linear):  # model.Linear is one
             parent, child = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), child, LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout))
+            wrapped = LoRALinear(m, cfg.rank, cfg.scale, cfg.dropout)
+            setattr(model.get_submodule(parent), child, wrapped)
         else:
-            raise ValueError(f"{name} is already wrapped by {type(m).__name__}: LoRA wraps plain linears only, "
-                             "not another adapter (SVF and LoRA cannot adapt the same matrix)")
+            raise ValueError(f"{name} is already wrapped by {type(m).__name__}: LoRA wraps plain "
+                             "linears only, not another adapter (SVF and LoRA cannot adapt the "
+                             "same matrix)")
 
 
 def wrappers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -120,7 +124,8 @@ def wrappers(model: nn.Module) -> dict[str, LoRALinear]:
 def init_params(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fresh adapter: A kaiming-uniform (a = sqrt(5), as nn.Linear and PEFT), B zeros, so B A = 0.
 
-    Drawn on the CPU from its own generator, then moved: the same seed gives the same A on every device.
+    Drawn on the CPU from its own generator, then moved: the same seed gives the same A on every
+    device.
     """
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -138,8 +143,10 @@ def count_params(model: nn.Module) -> int:
     return sum(m.rank * sum(m.base.weight.shape) for m in wrappers(model).values())
 
 
-def train_ab(model: nn.Module, params: dict[str, torch.Tensor] | None, generator: torch.Generator | None = None) -> None:
-    """Compute the low-rank path from A and B in every forward (autograd flows into them); None: the base.
+def train_ab(model: nn.Module, params: dict[str, torch.Tensor] | None,
+             generator: torch.Generator | None = None) -> None:
+    """Compute the low-rank path from A and B in every forward (autograd flows into them); None:
+    the base.
 
     generator (on the model's device) draws the dropout masks; without one there is no dropout.
     """
@@ -154,8 +161,8 @@ def train_ab(model: nn.Module, params: dict[str, torch.Tensor] | None, generator
 
 
 def use_adapter(model: nn.Module, params: dict[str, torch.Tensor] | None) -> None:
-    """Answer with the merged weights W + scale B A, composed once in float32 (or float64) and stored in
-    the base weight's dtype; None goes back to the base."""
+    """Answer with the merged weights W + scale B A, composed once in float32 (or float64) and
+    stored in the base weight's dtype; None goes back to the base."""
     if params is not None:
         check_params(model, params)
     for n, m in wrappers(model).items():
@@ -170,18 +177,21 @@ def use_adapter(model: nn.Module, params: dict[str, torch.Tensor] | None) -> Non
 
 
 def check_params(model: nn.Module, params: dict[str, torch.Tensor]) -> None:
-    """Same keys and shapes as the attached wrappers, else a ValueError naming the first offender."""
+    """Same keys and shapes as the attached wrappers, else a ValueError naming the first
+    offender."""
     want = {}
     for n, m in wrappers(model).items():
         out_f, in_f = m.base.weight.shape
         want[f"{n}.A"], want[f"{n}.B"] = (m.rank, in_f), (out_f, m.rank)
     if set(params) != set(want):
         missing, extra = sorted(set(want) - set(params)), sorted(set(params) - set(want))
-        raise ValueError(f"LoRA adapter does not fit this model's adapted matrices: missing {missing[:3]}, "
-                         f"extra {extra[:3]} (was it trained with other --lora-targets?)")
+        raise ValueError(f"LoRA adapter does not fit this model's adapted matrices: missing "
+                         f"{missing[:3]}, extra {extra[:3]} (was it trained with other "
+                         "--lora-targets?)")
     for k, shape in want.items():
         if tuple(params[k].shape) != shape:
-            raise ValueError(f"LoRA tensor {k} has shape {tuple(params[k].shape)}, expected {shape} "
+            raise ValueError(f"LoRA tensor {k} has shape {tuple(params[k].shape)}, expected "
+                             f"{shape} "
                              "(was it trained with another --lora-rank?)")
 
 
@@ -204,7 +214,8 @@ class Adapter:
         adapter = Adapter(params, meta)
         if model is not None:
             if "lora" not in meta:
-                raise ValueError(f"{path.name} has no 'lora' config in its metadata: is it an SVF expert?")
+                raise ValueError(f"{path.name} has no 'lora' config in its metadata: is it an "
+                                 "SVF expert?")
             # idempotent; refuses a different rank or scale
             attach(model, LoRAConfig(**meta["lora"]))
             dev = next(iter(wrappers(model).values())).base.weight.device
@@ -213,7 +224,7 @@ class Adapter:
         return adapter
 
 
-# ----------------------------------------------------------------------------- the supervised objective
+# ----------------------------------------------------------------------------- supervised objective
 # The paper's LoRA baseline learns by next-token prediction on the tasks' reference responses
 # (GSM8K solutions, MBPP code, ARC answers) instead of by reward. The same step can train an
 # SVF expert (--method svf --objective sft), for comparison.

@@ -1,4 +1,5 @@
-"""Singular Value Fine-tuning (SVF), paper section 3.1: experts are vectors that rescale singular values.
+"""Singular Value Fine-tuning (SVF), paper section 3.1: experts are vectors that rescale
+singular values.
 
 Every adapted weight matrix is decomposed once, W = U diag(s) V^T (thin SVD, float32).
 An expert is one vector z per matrix, the length of s, and the adapted weight is
@@ -42,7 +43,8 @@ TARGETS = {  # which matrices of each block SVF adapts; never embeddings, output
     "attn": ("attention.q", "attention.k", "attention.v", "attention.o"),
 }
 TARGETS["all"] = TARGETS["attn"] + TARGETS["mlp"]
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "transformer-squared" / "svd"
+CACHE_HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+CACHE_DIR = CACHE_HOME / "transformer-squared" / "svd"
 
 
 def target_names(model: nn.Module, targets: str) -> list[str]:
@@ -67,7 +69,7 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- decompose and compose
+# ----------------------------------------------------------------------------- decompose, compose
 @dataclass
 class SVD:
     U: torch.Tensor   # (m, r)
@@ -76,7 +78,8 @@ class SVD:
 
 
 def delta(svd: SVD, z: torch.Tensor) -> torch.Tensor:
-    """U diag(s * (z - 1)) V^T, the change z makes to W, as one (m, r) x (r, n) matmul; exactly 0 at z = 1."""
+    """U diag(s * (z - 1)) V^T, the change z makes to W, as one (m, r) x (r, n) matmul; exactly 0
+    at z = 1."""
     return (svd.U * (svd.s * (z - 1))) @ svd.Vh
 
 
@@ -85,7 +88,8 @@ def compose(w: torch.Tensor, svd: SVD, z: torch.Tensor) -> torch.Tensor:
     return w.to(torch.promote_types(w.dtype, svd.s.dtype)) + delta(svd, z)
 
 
-def decompose(model: nn.Module, targets: str = "mlp", cache: bool = True, cache_dir: Path | None = None) -> dict[str, SVD]:
+def decompose(model: nn.Module, targets: str = "mlp", cache: bool = True,
+              cache_dir: Path | None = None) -> dict[str, SVD]:
     """Thin SVD (float32) of every target matrix, cached on disk per base model and dtype (keyed by
     its fingerprint and the weights' dtype, in cache_dir or else CACHE_DIR, outside the repo: the
     fingerprint is the same for a bfloat16 and a float32 load, their factors are not) and loaded
@@ -93,7 +97,8 @@ def decompose(model: nn.Module, targets: str = "mlp", cache: bool = True, cache_
     from safetensors.torch import load_file, save_file
     names = target_names(model, targets)
     dtype = str(base_weight(model, names[0]).dtype).removeprefix("torch.")
-    path = Path(cache_dir or CACHE_DIR) / f"{fingerprint(model)}-{targets}-{dtype}.safetensors" if cache else None
+    name = f"{fingerprint(model)}-{targets}-{dtype}.safetensors"
+    path = Path(cache_dir or CACHE_DIR) / name if cache else None
     if path is not None and path.exists():
         flat = load_file(path, device=str(base_weight(model, names[0]).device))
         return {n: SVD(flat[f"{n}.U"], flat[f"{n}.s"], flat[f"{n}.Vh"]) for n in names}
@@ -148,13 +153,15 @@ class SVFLinear(nn.Module):
 
 
 def attach(model: nn.Module, svd: dict[str, SVD]) -> None:
-    """Replace each target linear by an SVFLinear wrapper (idempotent). The base model is unchanged."""
+    """Replace each target linear by an SVFLinear wrapper (idempotent); the base model is
+    unchanged."""
     for name, d in svd.items():
         parent, child = name.rsplit(".", 1)
         m = model.get_submodule(name)
         if not isinstance(m, SVFLinear):
             dev = m.weight.device
-            setattr(model.get_submodule(parent), child, SVFLinear(m, SVD(d.U.to(dev), d.s.to(dev), d.Vh.to(dev))))
+            svd = SVD(d.U.to(dev), d.s.to(dev), d.Vh.to(dev))
+            setattr(model.get_submodule(parent), child, SVFLinear(m, svd))
 
 
 def wrappers(model: nn.Module) -> dict[str, SVFLinear]:
@@ -167,7 +174,8 @@ def ones(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def digest(z: dict[str, torch.Tensor]) -> str:
-    """A hash of an expert's contents: the key of the composed weights kept by use_expert(cache=True)."""
+    """A hash of an expert's contents: the key of the composed weights kept by
+    use_expert(cache=True)."""
     h = hashlib.sha256()
     for n in sorted(z):
         h.update(n.encode())
@@ -175,11 +183,12 @@ def digest(z: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def use_expert(model: nn.Module, z: dict[str, torch.Tensor] | None, cache: bool = False, keep: int = 4) -> None:
-    """Answer with expert z (None: the base model), composed once, without gradients. A matrix whose
-    z is exactly 1 keeps the base layer itself. cache: keep the composed weights on the wrappers, keyed
-    by z's contents, for the next use of the same z (the `keep` latest experts; each one costs a float32
-    copy of every adapted matrix)."""
+def use_expert(model: nn.Module, z: dict[str, torch.Tensor] | None, cache: bool = False,
+               keep: int = 4) -> None:
+    """Answer with expert z (None: the base model), composed once, without gradients. A matrix
+    whose z is exactly 1 keeps the base layer itself. cache: keep the composed weights on the
+    wrappers, keyed by z's contents, for the next use of the same z (the `keep` latest experts;
+    each one costs a float32 copy of every adapted matrix)."""
     ws = wrappers(model)
     if z is not None:
         check_z(model, z)
@@ -213,17 +222,18 @@ def check_z(model: nn.Module, z: dict[str, torch.Tensor]) -> None:
     ws = wrappers(model)
     if set(z) != set(ws):
         missing, extra = sorted(set(ws) - set(z)), sorted(set(z) - set(ws))
-        raise ValueError(f"expert does not fit this model's adapted matrices: missing {missing[:3]}, extra {extra[:3]}"
-                         " (was it trained with other --targets?)")
+        raise ValueError(f"expert does not fit this model's adapted matrices: missing "
+                         f"{missing[:3]}, extra {extra[:3]} (was it trained with other --targets?)")
     for n, m in ws.items():
         if z[n].shape != m.svd.s.shape:
-            raise ValueError(f"expert vector {n} has shape {tuple(z[n].shape)}, expected {tuple(m.svd.s.shape)}")
+            raise ValueError(f"expert vector {n} has shape {tuple(z[n].shape)}, expected "
+                             f"{tuple(m.svd.s.shape)}")
 
 
 # ----------------------------------------------------------------------------- mixing (section 3.2)
 def mix(experts: list[dict[str, torch.Tensor]], alphas: torch.Tensor) -> dict[str, torch.Tensor]:
-    """z' = 1 + sum_k alpha_k (z_k - 1): the experts' changes to the spectrum, mixed. alphas: (K,) one
-    weight per expert, or (K, M) one per expert per matrix (M matrices in the experts' own order).
+    """z' = 1 + sum_k alpha_k (z_k - 1): the experts' changes to the spectrum, mixed. alphas: (K,)
+    one weight per expert, or (K, M) one per expert per matrix (M matrices in the experts' order).
 
     alpha = 0 is the base model and alpha = e_k expert k, whatever the experts; the paper's
     sum_k alpha_k z_k would give (sum_k alpha_k) W for experts near z = 1, a rescaled base model."""
@@ -233,7 +243,8 @@ def mix(experts: list[dict[str, torch.Tensor]], alphas: torch.Tensor) -> dict[st
     if alphas.shape != (len(experts), len(names)):
         raise ValueError(f"alphas of shape {tuple(alphas.shape)}: expected ({len(experts)},) or "
                          f"({len(experts)}, {len(names)})")
-    return {n: 1 + sum(alphas[k, j] * (e[n] - 1) for k, e in enumerate(experts)) for j, n in enumerate(names)}
+    return {n: 1 + sum(alphas[k, j] * (e[n] - 1) for k, e in enumerate(experts))
+            for j, n in enumerate(names)}
 
 
 # ----------------------------------------------------------------------------- expert files
@@ -249,7 +260,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     tmp.replace(path)
 
 
-def read_tensors(path: str | Path, what: str, model: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_tensors(path: str | Path, what: str, model: nn.Module | None = None):
     """The tensors and meta of a file save_tensors wrote (`what` names it in errors); with `model`,
     refuse a file made for another base model (its meta's fingerprint)."""
     from safetensors import SafetensorError, safe_open
@@ -258,11 +269,13 @@ def read_tensors(path: str | Path, what: str, model: nn.Module | None = None) ->
         raise FileNotFoundError(f"no {what} file {path}")
     try:  # a truncated, corrupt or foreign file: an error that names it, not the reader's traceback
         with safe_open(path, "pt") as f:
-            tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("meta", "{}"))
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable {what} file ({e})") from e
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: not a {what} file of this project (its metadata is not a JSON object)")
+        raise ValueError(f"{path}: not a {what} file of this project (its metadata is not a JSON "
+                         "object)")
     if model is not None:
         check_base_model(meta, path, what, model)
     return tensors, meta
