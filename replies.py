@@ -1,4 +1,5 @@
-"""Scoring given replies: log p(reply | prompt) for several replies of each prompt, in one forward pass.
+"""Scoring given replies: log p(reply | prompt) for several replies of each prompt, in one
+forward pass.
 
 The trainer's REINFORCE loss and KL (paper section 3.1) score the sampled responses this way; the
 multiple-choice rollout, the first pass of the adaptive strategies (section 3.2) and the
@@ -22,9 +23,9 @@ def common_prefix(prompts: list[list[int]]) -> int:
 
 
 def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Indices grouped for forward/backward passes: rows of similar length together, at most max_rows
-    rows and max_tokens padded tokens (rows x the longest) in each, so that memory stays bounded
-    when one prompt is long (code prompts with their tests run long)."""
+    """Indices grouped for forward/backward passes: rows of similar length together, at most
+    max_rows rows and max_tokens padded tokens (rows x the longest) in each, so that memory stays
+    bounded when one prompt is long (code prompts with their tests run long)."""
     groups: list[list[int]] = []
     # longest first: it sets the width
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -37,7 +38,7 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[li
 
 
 def reply_logits(model: Transformer, prompts: list[list[int]], replies: list[list[list[int]]],
-                 pad_id: int, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 pad_id: int, share_prefix: bool = True):
     """The logits that predict every token of every reply of every prompt, in one forward pass.
 
     Each prompt and its replies are packed into one row, [prompt, reply_1, ..., reply_L]: every
@@ -111,8 +112,10 @@ def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[
             [tokenizer.encode(r) for r in task.option_responses(problem)])
 
 
-def option_logits(model: Transformer, tokenizer, task, problems: list[dict], temperature: float) -> list[torch.Tensor]:
+def option_logits(model: Transformer, tokenizer, task, problems: list[dict],
+                  temperature: float) -> list[torch.Tensor]:
     """log p(reply_a | prompt) / T for every option a of every problem, differentiable in z.
-    One packed forward pass: each prompt is computed once, not once per option (replies.reply_logprobs)."""
+    One packed forward pass: each prompt is computed once, not once per option."""
     prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
-    return [lp / temperature for lp in reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)]
+    logp = reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)
+    return [lp / temperature for lp in logp]

@@ -103,7 +103,8 @@ def check(cfg: TrainConfig, has_options: bool) -> None:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: choose "
                              f"{', '.join(choices)}")
     if cfg.objective == "sft" and cfg.rollout == "options":
-        raise ValueError("--rollout options is a way of sampling for --objective reinforce, not sft")
+        raise ValueError("--rollout options is a way of sampling for --objective reinforce, "
+                         "not sft")
     for flag, value in (("--rollout", cfg.rollout), ("--validation", cfg.validation)):
         if value == "options" and not has_options:
             raise ValueError(f"{flag} options needs a multiple-choice task (arc_easy, cls), "

@@ -3,9 +3,9 @@
     python train.py --task gsm8k                      # the math expert, default model, CPU
     python train.py --task arc_easy --steps 60 --kl-coef 0.2 --out runs/arc
     python train.py --task arc_easy --rollout options # multiple choice: act by option likelihood
-    python train.py --task cls --rollout options      # the classification expert of eval.py --strategy cls
+    python train.py --task cls --rollout options      # the expert of eval.py --strategy cls
     python train.py --task gsm8k --resume             # continue an interrupted run
-    python train.py --task gsm8k --method lora        # the LoRA baseline: next-token prediction on the solutions
+    python train.py --task gsm8k --method lora        # the LoRA baseline, on the solutions
     python train.py --task gsm8k --method lora --objective reinforce   # LoRA with SVF's objective
 
 Writes into --out: best.safetensors (the expert or adapter with the best validation accuracy),
@@ -81,7 +81,8 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
-    what = f"svf-{cfg.targets}" if cfg.method == "svf" else f"lora-{cfg.lora_targets}-r{cfg.lora_rank}"
+    what = f"svf-{cfg.targets}" if cfg.method == "svf" else \
+        f"lora-{cfg.lora_targets}-r{cfg.lora_rank}"
     if cfg.objective != ("reinforce" if cfg.method == "svf" else "sft"):
         what += f"-{cfg.objective}"
     out_dir = Path(out or f"runs/{cfg.task}-{what}-seed{cfg.seed}")
@@ -123,8 +124,8 @@ if __name__ == "__main__":
     p = cli.parser(__doc__)
     notes = {k: f" (default: the task's, {per_task(k)}; else {DEFAULTS[k]})" for k in PER_TASK}
     notes["validation"] = " (default: generate; options for cls)"
-    cli.add_options(p, rl.TrainConfig, defaults=dict.fromkeys(PER_TASK + ("objective", "validation")),
-                    notes=notes)
+    filled_in = dict.fromkeys(PER_TASK + ("objective", "validation"))  # None: config() fills them
+    cli.add_options(p, rl.TrainConfig, defaults=filled_in, notes=notes)
     p.add_argument("--model", type=cli.model_path, default=None,
                    help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=cli.output_folder, default=None,
