@@ -22,7 +22,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class BadInput(SystemExit):
-    """What fail() raises: exit status 2; str() is the message, for tests and callers that catch it."""
+    """What fail() raises: exit status 2; str() is the message, for tests and callers that catch
+    it."""
 
     def __init__(self, message: str):
         super().__init__(2)
@@ -33,7 +34,8 @@ class BadInput(SystemExit):
 
 
 def fail(message: str) -> NoReturn:
-    """End the command on a bad input: `error: MESSAGE` as one line on stderr, exit status 2 (argparse's)."""
+    """End the command on a bad input: `error: MESSAGE` as one line on stderr, exit status 2
+    (argparse's)."""
     message = " ".join(message.split())  # one line, whatever the message held
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise BadInput(message)
@@ -53,7 +55,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def option(default: Any, help: str, type: Callable | None = None, choices: tuple | None = None) -> Any:
+def option(default: Any, help: str, type: Callable | None = None,
+           choices: tuple | None = None) -> Any:
     """A config dataclass field that is also a command-line flag: its default is written once, here,
     and add_options() turns it into --the-field-name with this help, type and choices."""
     return dataclasses.field(default=default, metadata=dict(help=help, type=type, choices=choices))
@@ -86,7 +89,8 @@ def _number(text: str, kind: type) -> int | float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        wanted = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
@@ -145,17 +149,20 @@ def non_empty(text: str) -> str:
 
 def existing_folder(text: str) -> str:
     if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: {'not a folder' if Path(text).exists() else 'no such folder'}")
+        why = "not a folder" if Path(text).exists() else "no such folder"
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
     return text
 
 
 def model_path(text: str) -> str:
-    """A .gguf file or a Hugging Face checkpoint folder (what is inside is checked where it is read)."""
+    """A .gguf file or a Hugging Face checkpoint folder (what is inside is checked where it is
+    read)."""
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
     if not (path.is_dir() or path.suffix == ".gguf"):
-        raise argparse.ArgumentTypeError(f"{text}: expected a .gguf file or a Hugging Face checkpoint folder")
+        raise argparse.ArgumentTypeError(f"{text}: expected a .gguf file or a Hugging Face "
+                                         "checkpoint folder")
     return text
 
 
@@ -198,11 +205,15 @@ def device(text: str) -> str:
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: choose auto, cpu, cuda, cuda:N or mps")
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: choose auto, cpu, cuda, "
+                                         "cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that torch can use (try cpu or auto)")
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that torch can "
+                                         "use (try cpu or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        n = torch.cuda.device_count()
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {n} CUDA GPU(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine (try cpu or auto)")
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine (try cpu "
+                                         "or auto)")
     return text

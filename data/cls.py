@@ -16,14 +16,16 @@ import data
 LABELS = ("code", "math", "reasoning", "other")
 # "other": the base model
 LABEL_TO_EXPERT = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}
-ALIASES = {"coding": "code", "programming": "code", "python": "code", "maths": "math", "mathematics": "math",
-           "arithmetic": "math", "science": "reasoning", "logic": "reasoning"}
+ALIASES = {"coding": "code", "programming": "code", "python": "code", "maths": "math",
+           "mathematics": "math", "arithmetic": "math", "science": "reasoning",
+           "logic": "reasoning"}
 
 # Short, one line per category (the official prompt's guidelines, condensed). The base model
 # reads it poorly (RESULTS.md, routing): the weak reader is what the classification expert is for.
-CLASSIFY_SYSTEM = ("Classify the user's question into one category. code: it asks for a program or a function. "
-                   "math: a calculation or a math problem. reasoning: a science or common-sense question, "
-                   "often with options to choose from. other: anything else. Reply only with \\boxed{category}.")
+CLASSIFY_SYSTEM = ("Classify the user's question into one category. code: it asks for a program "
+                   "or a function. math: a calculation or a math problem. reasoning: a science or "
+                   "common-sense question, often with options to choose from. other: anything "
+                   "else. Reply only with \\boxed{category}.")
 
 
 # The first pass reads the question's first CLASSIFY_CHARS characters only: its opening tells a
@@ -33,14 +35,17 @@ CLASSIFY_CHARS = 500
 
 
 def classify_messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": CLASSIFY_SYSTEM}, {"role": "user", "content": question[:CLASSIFY_CHARS]}]
+    return [{"role": "system", "content": CLASSIFY_SYSTEM},
+            {"role": "user", "content": question[:CLASSIFY_CHARS]}]
 
 
 def parse_label(text: str) -> str | None:
-    """The category a reply names: the last \\boxed{...} (closed or cut off, "\\text{}" allowed); without
-    one, "category: X" or a bare label. None when there is none, it is not a category, or several."""
+    """The category a reply names: the last \\boxed{...} (closed or cut off, "\\text{}" allowed);
+    without one, "category: X" or a bare label. None when there is none, it is not a category,
+    or several."""
     boxed = re.findall(r"boxed\s*\{\s*(?:\\text\s*\{)?\s*([^{}]*)", text, re.I)
-    stated = re.findall(r"(?:category|classification|answer)\s*(?:is)?\s*[:=]?\s*\**\s*(\w+)", text, re.I)
+    stated = re.findall(r"(?:category|classification|answer)\s*(?:is)?\s*[:=]?\s*\**\s*(\w+)",
+                        text, re.I)
     words = boxed[-1] if boxed else stated[-1] if stated else text
     names = {ALIASES.get(w, w) for w in re.findall(r"[a-z]+", words.lower())}
     found = names & set(LABELS)
@@ -62,8 +67,9 @@ def evaluation_questions() -> set[str]:
 
 
 def cls_problems(split: str, per_task: int = 0, seed: int = 0) -> list[dict]:
-    """Labelled questions for the classification expert, from the train (or validation) split of each
-    training task, balanced: per_task questions of each (0: as many as the smallest has), shuffled.
+    """Labelled questions for the classification expert, from the train (or validation) split of
+    each training task, balanced: per_task questions of each (0: as many as the smallest has),
+    shuffled.
 
     The question is the one the user asked, without the task's instructions (what the first pass
     reads, as in the paper: ARC-Challenge shares ARC-Easy's template and MATH GSM8K's, so a
@@ -71,7 +77,8 @@ def cls_problems(split: str, per_task: int = 0, seed: int = 0) -> list[dict]:
     evaluation set (a few ARC and MBPP duplicates under other ids) is left out.
     """
     if split not in ("train", "validation"):
-        raise ValueError(f"the classification expert uses the train and validation splits only, not {split!r}")
+        raise ValueError(f"the classification expert uses the train and validation splits only, "
+                         f"not {split!r}")
     held_out, rng = evaluation_questions(), random.Random(seed)
     pools = {}
     for label, name in LABEL_TO_EXPERT.items():
@@ -105,7 +112,8 @@ class Classification(data.Task):
         return f"\\boxed{{{problem['answer']}}}"
 
     def option_responses(self, problem: dict | None = None) -> list[str]:
-        """The four possible replies, in LABELS order (as ARC's options: for a likelihood-based choice)."""
+        """The four possible replies, in LABELS order (as ARC's options, for a choice by
+        likelihood)."""
         return [f"\\boxed{{{label}}}" for label in LABELS]
 
 
