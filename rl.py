@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import dist
 import lora
 import svf
 from cli import option
@@ -118,6 +119,10 @@ def check(cfg: TrainConfig, has_options: bool) -> None:
         raise ValueError("--baseline loo needs --samples 2 or more")
     if cfg.method == "lora" and (cfg.lora_rank < 1 or not 0 <= cfg.lora_dropout < 1):
         raise ValueError("--lora-rank must be positive and --lora-dropout in [0, 1)")
+    if dist.world() > 1 and (cfg.dynamic_draws or cfg.rollout != "generate"
+                             or cfg.objective != "reinforce"):
+        raise ValueError("under torchrun, training is REINFORCE on generated rollouts without "
+                         "dynamic sampling for now (--dynamic-draws 0)")
     sizes = (cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.micro_tokens,
              cfg.gen_batch)
     if min(sizes) < 1:
@@ -310,6 +315,7 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     """One step: rollout (dynamic sampling when more() is given), advantages, loss, AdamW."""
     method, S = METHODS[cfg.method], cfg.samples
     t0 = time.perf_counter()
+    problems = dist.shard(problems)  # this rank's share: all of them in one process
     problems, prompts, comps, rewards, drawn = sample_groups(model, tokenizer, task, problems,
                                                              cfg, z, generator, more)
     t1 = time.perf_counter()
@@ -320,6 +326,8 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
     # No term with a gradient: no update at all, rather than AdamW scaling rounding noise up
     # to a step of about lr. Dynamic sampling may also find no group.
     skipped = skip_update(adv, cfg.kl_coef, z, method) or not len(problems)
+    skipped = dist.all_sum(float(not skipped)) == 0  # the whole step's decision, not a rank's
+    n_total = dist.all_sum(len(comps))  # the step's responses over every rank
     kl_live = bool(cfg.kl_coef) and not method.at_base(z)
     # a response with zero advantage and no KL gradient contributes nothing: leave it out
     keep = [[s for s in range(S) if not skipped and (adv[i, s] != 0 or kl_live)]
@@ -332,16 +340,23 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
         samples = [[comps[i * S + s].tokens for s in keep[i]] for i in idx]
         loss, p = reinforce_loss(model, z, [prompts[i * S] for i in idx], samples,
                                  torch.cat([adv[i, keep[i]] for i in idx]),
-                                 cfg.kl_coef if kl_live else 0.0, len(comps), tokenizer.pad_id,
+                                 cfg.kl_coef if kl_live else 0.0, n_total, tokenizer.pad_id,
                                  cfg.temperature, method)
         loss.backward()
         parts = {k: parts[k] + p[k] for k in parts}
     base_mode(model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item() if groups else 0.0
+    update = dist.all_sum(len(groups)) > 0
+    if dist.world() > 1:  # every rank adds its part of the gradient (0 where it had no group)
+        for v in z.values():
+            v.grad = torch.zeros_like(v) if v.grad is None else v.grad
+        dist.all_sum_([v.grad for v in z.values()])
+        rewards, drawn, parts, problems = gathered(rewards, drawn, parts, problems, S)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(z.values()), cfg.clip).item() if update else 0.0
     t3 = time.perf_counter()
-    if groups:
+    if update:
         opt.step()
-    n_tokens, any_group = sum(len(c.tokens) for c in comps), len(rewards) > 0
+    n_tokens = int(dist.all_sum(sum(len(c.tokens) for c in comps)))
+    any_group = len(rewards) > 0
     agree = (rewards.std(1) == 0).float() if any_group else torch.ones(1)
     return {"reward": rewards.mean().item() if any_group else None,  # of the groups trained on
             "accuracy": (rewards > 0).float().mean().item() if any_group else None,
@@ -352,6 +367,13 @@ def train_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, gener
             "informative_share": int((drawn.std(1) > 0).sum()) / len(drawn),
             "tokens": n_tokens, "rollout_tok_s": n_tokens / (t1 - t0), "t_rollout": t1 - t0,
             "t_score": t2 - t1, "t_backward": t3 - t2, "t_step": time.perf_counter() - t0}
+
+
+def gathered(rewards, drawn, parts, problems, S: int):
+    """The step's rewards, loss parts and groups over every rank, for the log."""
+    rows = lambda t: torch.stack(r) if (r := dist.gather(list(t))) else torch.zeros(0, S)
+    return (rows(rewards), rows(drawn), {k: dist.all_sum(v) for k, v in parts.items()},
+            dist.gather(problems))
 
 
 def validate(model, tokenizer, task, problems, z, batch: int, max_new_tokens: int = 0,
@@ -393,9 +415,15 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def save_checkpoint(run: Run, cfg: TrainConfig, meta: dict, method: Method, out: Path) -> None:
-    save_atomic({"params": detached(run.params), "opt": run.opt.state_dict(),
-                 "gen": run.gen.get_state(), "step": run.step, "best": run.best,
-                 "chunks": run.chunk, "config": asdict(cfg)}, out / "state.pt")
+    """state.pt and last.safetensors, written by rank 0 (with every rank's generator)."""
+    gens = dist.gather([run.gen.get_state()])
+    if not dist.is_main():
+        return
+    state = {"params": detached(run.params), "opt": run.opt.state_dict(), "gen": gens[0],
+             "step": run.step, "best": run.best, "chunks": run.chunk, "config": asdict(cfg)}
+    if len(gens) > 1:
+        state["gens"] = gens
+    save_atomic(state, out / "state.pt")
     method.File(detached(run.params), {**meta, "step": run.step}).save(out / "last.safetensors")
 
 
@@ -429,7 +457,11 @@ def load_checkpoint(run: Run, cfg: TrainConfig, out: Path, log) -> None:
         with torch.no_grad():
             for n, v in run.params.items():
                 v.copy_(st["params"][n])
-        run.opt.load_state_dict(st["opt"]), run.gen.set_state(st["gen"])
+        gens = st.get("gens", [st["gen"]])
+        if len(gens) != dist.world():
+            raise ValueError(f"{path} was saved by {len(gens)} process(es), not {dist.world()}: "
+                             "resume with the same number")
+        run.opt.load_state_dict(st["opt"]), run.gen.set_state(gens[dist.rank()])
         run.step, run.best, run.chunk = st["step"], st["best"], st.get("chunks", st["step"])
         log(f"resumed from step {run.step} (best validation accuracy {run.best:.3f})")
     else:
@@ -437,7 +469,8 @@ def load_checkpoint(run: Run, cfg: TrainConfig, out: Path, log) -> None:
     log_path = out / "log.jsonl"
     kept = [line for line in log_path.read_text().splitlines()
             if json.loads(line)["step"] <= run.step] if run.step and log_path.exists() else []
-    log_path.write_text("".join(line + "\n" for line in kept))
+    if dist.is_main():
+        log_path.write_text("".join(line + "\n" for line in kept))
 
 
 class Interrupt:
@@ -504,17 +537,25 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
         f"({100 * meta['trainable'] / n_base:.3f}% of the base model's {n_base:,})")
     log(f"sandbox: {data.sandbox.isolation() if task.domain == 'code' else 'not used'}")
     # no weight decay: it would pull z towards 0 (not 1), and the paper's LoRA baseline has none
+    # each rank its own sampling stream; rank 0's is the one-process stream
+    gen = torch.Generator(model.tok_embeddings.weight.device)
     run = Run(z, torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0),
-              torch.Generator(model.tok_embeddings.weight.device).manual_seed(cfg.seed))
+              gen.manual_seed(cfg.seed + 7919 * dist.rank()))
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         load_checkpoint(run, cfg, out, log)
-    else:
+    elif dist.is_main():
         (out / "log.jsonl").write_text("")
 
-    def write(record: dict) -> None:
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def write(record: dict) -> None:  # rank 0 keeps the log
+        if dist.is_main():
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def keep_best(step: int) -> None:
+        if dist.is_main():
+            method.File(detached(z), {**meta, "step": step, "val_accuracy": run.best}).save(
+                out / "best.safetensors")
 
     def next_problems() -> list[dict]:  # the data order: seeded chunks, one or more a step
         run.chunk += 1
@@ -526,8 +567,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
         run.best = record["val_accuracy"]
         log(f"step 0 (base model): validation accuracy {run.best:.3f} on {len(val_set)} problems")
         write(record)
-        method.File(detached(z), {**meta, "step": 0, "val_accuracy": run.best}).save(
-            out / "best.safetensors")
+        keep_best(0)
     with Interrupt(log) as interrupt:
         bar = tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps,
                    desc=f"train {cfg.task} ({cfg.method})")
@@ -540,8 +580,7 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
                 record |= validation(model, tokenizer, task, val_set, z, cfg, method)
                 if record["val_accuracy"] > run.best:
                     run.best = record["val_accuracy"]
-                    method.File(detached(z), {**meta, "step": run.step, "val_accuracy": run.best}
-                                ).save(out / "best.safetensors")
+                    keep_best(run.step)
             write(record)
             shown = {k: f"{stats[k]:+.2f}" for k in ("reward", "loss") if stats.get(k) is not None}
             bar.set_postfix(**shown, val=f"{record.get('val_accuracy', run.best):.2f}")
@@ -549,5 +588,6 @@ def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bo
             if interrupt.asked:
                 log(f"saved a checkpoint at step {run.step} in {out}; continue with --resume")
                 raise SystemExit(130)
+    dist.barrier()  # rank 0 has written the files
     best = out / ("best.safetensors" if cfg.eval_every else "last.safetensors")
     return method.File.load(best)

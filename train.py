@@ -24,6 +24,7 @@ import torch
 
 import cli
 import data
+import dist
 import fast
 import rl
 from checkpoint import load
@@ -72,6 +73,7 @@ def check_state(state: Path) -> None:
 
 def main(model: str | None, out: str | None, resume: bool, device: str, dtype: str,
          threads: int, **flags) -> None:
+    device = dist.init(device)  # under torchrun: this rank's device and the process group
     cfg = config(**flags)
     try:
         rl.check(cfg, has_options=cfg.task in ("arc_easy", "cls"))

@@ -11,6 +11,11 @@ import dist  # noqa: E402
 
 out = Path(sys.argv[1])
 device = dist.init("auto")
+if sys.argv[2:] == ["train"]:  # one training step: tests/test_dist.py compares world 2 with 1
+    import train_step_check  # noqa: E402  (tests/train_step_check.py)
+    train_step_check.run(out)
+    dist.close()
+    sys.exit(0)
 seen = {"rank": dist.rank(), "world": dist.world(), "device": device, "main": dist.is_main()}
 
 # shard + gather restores the order, for lengths shorter than, equal to and longer than world

@@ -61,3 +61,34 @@ def test_without_torchrun_everything_is_the_one_process_identity(monkeypatch):
     t = torch.arange(3.0)
     dist.all_sum_([t])
     assert t.tolist() == [0.0, 1.0, 2.0] and dist.all_sum(2.5) == 2.5
+
+
+def run_worker(out: Path, nproc: int | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)])
+    launch = [sys.executable] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    try:
+        done = subprocess.run(launch + [str(WORKER), str(out), "train"], env=env,
+                              capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the training step did not finish in 240 s: {e.stdout}\n{e.stderr}")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_training_step_on_two_ranks_equals_one_process_on_the_same_samples(tmp_path):
+    """8 problems: 4 on each of two ranks, against all 8 in one process, the samples fixed (so
+    that sampling cannot differ): the same z after the step and the same logged figures."""
+    run_worker(tmp_path, None)
+    run_worker(tmp_path, 2)
+    one = json.loads((tmp_path / "train-1-0.json").read_text())
+    for r in range(2):
+        two = json.loads((tmp_path / f"train-2-{r}.json").read_text())
+        for n in one["z"]:
+            torch.testing.assert_close(torch.tensor(two["z"][n]), torch.tensor(one["z"][n]),
+                                       rtol=1e-5, atol=1e-6)
+        for k, v in one["stats"].items():
+            assert two["stats"][k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v), k
+    assert one["stats"]["groups"] == 8 and not one["stats"]["skipped"]
+    assert 0 < one["stats"]["accuracy"] < 1 and one["stats"]["kl"] > 0  # both terms live
