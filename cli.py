@@ -81,6 +81,14 @@ def add_options(p: argparse.ArgumentParser, config: type, defaults: dict | None 
                            choices=f.metadata["choices"], help=text)
 
 
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, as every command that loads the model takes them."""
+    p.add_argument("--device", type=device, default="auto",
+                   help="cpu, cuda, cuda:N or mps (auto: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+
+
 # ----------------------------------------------------------------------------- argparse types
 # Each takes the flag's text and returns its value, or raises ArgumentTypeError; argparse then
 # prints

@@ -45,10 +45,7 @@ if __name__ == "__main__":
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--model", dest="model_path", type=cli.model_path, default=None,
                    help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--device", type=cli.device, default="auto",
-                   help="cpu, cuda, cuda:1, mps (auto: cuda if available)")
-    p.add_argument("--dtype", choices=cli.DTYPES, default="auto",
-                   help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    cli.add_device_options(p)
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.0,
                    help="0 means greedy decoding")
     p.add_argument("--top-p", type=cli.probability, default=1.0, help="nucleus sampling threshold")

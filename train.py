@@ -136,10 +136,7 @@ if __name__ == "__main__":
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/state.pt; refused when a setting other than --steps, "
                         "--micro-batch or --micro-tokens differs from the saved run's")
-    p.add_argument("--device", type=cli.device, default="auto",
-                   help="cpu, cuda, cuda:N or mps (auto: cuda if available)")
-    p.add_argument("--dtype", choices=cli.DTYPES, default="auto",
-                   help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    cli.add_device_options(p)
     p.add_argument("--threads", type=cli.non_negative_int, default=0,
                    help="CPU threads for torch (0: torch's default)")
     main(**vars(p.parse_args()))
