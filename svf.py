@@ -304,15 +304,13 @@ class Expert:
     @staticmethod
     def load(path: str | Path, model: nn.Module | None = None) -> "Expert":
         """Read an expert; with `model`, refuse one made for another base model or other shapes."""
-        z, meta = read_tensors(path, "expert", model)
-        expert = Expert(z, meta)
-        return expert if model is None else expert.fit(model, Path(path), checked=True)
+        expert = Expert(*read_tensors(path, "expert"))
+        return expert if model is None else expert.fit(model, Path(path))
 
-    def fit(self, model: nn.Module, path: Path, checked: bool = False) -> "Expert":
+    def fit(self, model: nn.Module, path: Path) -> "Expert":
         """This expert on the model's device, read once: refuses one made for another base model
         (named by path) or for other shapes."""
-        if not checked:
-            check_base_model(self.meta, path, "expert", model)
+        check_base_model(self.meta, path, "expert", model)
         dev = next(iter(wrappers(model).values())).svd.s.device
         self.z = {n: v.to(dev) for n, v in self.z.items()}
         check_z(model, self.z)
