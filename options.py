@@ -14,7 +14,8 @@ import time
 import torch
 
 from replies import option_logits
-from rl import METHODS, SVF, Method, TrainConfig, advantages, answer_mode, base_mode, skip_update
+from methods import METHODS, SVF, Method, answer_mode, base_mode
+from rl import TrainConfig, advantages, skip_update
 
 
 def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator,

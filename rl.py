@@ -12,18 +12,17 @@ terms are sums over a response's tokens, as in the paper's sequence-level object
 sequence KL is estimated on the sampled y as sum_t KL_t, each KL_t exact over the
 vocabulary. Both are averaged over the step's responses, so lambda means the paper's.
 
-Read top to bottom: the config, the method (SVF or the LoRA baseline), advantages,
-exact_kl, reinforce_loss, rollout with dynamic sampling, train_step, and the loop with its
-resumable checkpoint. The multiple-choice rollout is options.py; the LoRA baseline's
-supervised objective is lora.sft_step.
+Read top to bottom: the config, advantages, exact_kl, reinforce_loss, rollout with dynamic
+sampling, train_step, and the loop. What is trained (SVF's z or the LoRA baseline's A and B)
+is methods.py; the checkpoint and Ctrl-C are resume.py; the multiple-choice rollout is
+options.py; the LoRA baseline's supervised objective is lora.sft_step.
 """
 from __future__ import annotations
 
 import json
 import math
-import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,8 +36,10 @@ import lora
 import svf
 from cli import option
 from engine import generate_all
+from methods import METHODS, SVF, Method, answer_mode, base_mode, detached, setup
 from model import Transformer
 from replies import micro_batches, reply_logits
+from resume import Interrupt, Run, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -128,73 +129,6 @@ def check(cfg: TrainConfig, has_options: bool) -> None:
     if min(sizes) < 1:
         raise ValueError("--steps, --batch-size, --samples, --micro-batch, --micro-tokens and "
                          "--gen-batch must be positive")
-
-
-# ----------------------------------------------------------------------------- the method
-# The model runs in one of two modes: training (the adapted weights are recomputed in every
-# forward pass, so gradients reach the trainable tensors) and answering (composed once, no
-# gradients). What the tensors are, one z per matrix (svf.py) or A/B pairs (lora.py), is the
-# method, chosen once from cfg.method.
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    train: Callable[..., None]         # (model, params, generator=None): differentiable
-    answer: Callable[..., None]        # (model, params): composed once, no gradients
-    distance: Callable[[dict], float]  # how far params are from the base model, for the log
-    at_base: Callable[[dict], bool]    # params are exactly the base model
-    File: type                         # the file it is saved as
-
-
-def base_mode(model: Transformer) -> None:
-    """The base model pi_base, whichever wrappers are attached."""
-    svf.train_z(model, None)
-    lora.train_ab(model, None)
-
-
-def detached(params: dict) -> dict:
-    return {n: v.detach() for n, v in params.items()}
-
-
-SVF = Method("svf", lambda m, z, generator=None: svf.train_z(m, z),
-             lambda m, z: svf.use_expert(m, detached(z)),
-             lambda z: max((v.detach() - 1).abs().max().item() for v in z.values()),
-             lambda z: all(bool((v == 1).all()) for v in z.values()), svf.Expert)
-# LoRA's base model is B = 0, whatever A is
-LORA = Method("lora", lora.train_ab, lambda m, p: lora.use_adapter(m, detached(p)),
-              lambda p: max(v.detach().abs().max().item() for n, v in p.items()
-                            if n.endswith(".B")),
-              lambda p: all(bool((v == 0).all()) for n, v in p.items() if n.endswith(".B")),
-              lora.Adapter)
-METHODS = {"svf": SVF, "lora": LORA}
-
-
-def answer_mode(model: Transformer, params: dict | None, method: Method = SVF) -> None:
-    """Answer with params (None: the base model), composed once and without gradients."""
-    if params is None:
-        svf.use_expert(model, None)
-        lora.use_adapter(model, None)
-    else:
-        method.answer(model, params)
-
-
-def setup(model: Transformer, cfg: TrainConfig) -> tuple[dict, dict, Method]:
-    """Attach the method's wrappers; return the trainable tensors at their start (exactly the
-    base model), the metadata saved with them, and the method."""
-    meta = {"base_model": svf.model_fingerprint(model), "method": cfg.method, "task": cfg.task,
-            "config": asdict(cfg)}
-    if cfg.method == "svf":
-        svf.attach(model, svf.decompose(model, cfg.targets))
-        params = svf.ones(model)                                       # z = 1
-        meta |= {"targets": cfg.targets, "parametrisation": "plain z, W' = U diag(s*z) V^T"}
-    elif cfg.method == "lora":
-        lcfg = lora.LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        lora.attach(model, lcfg)
-        params = lora.init_params(model, cfg.seed)                     # B = 0
-        meta |= {"lora": asdict(lcfg)}
-    else:
-        raise ValueError(f"unknown method {cfg.method!r}: choose svf or lora")
-    return {n: torch.nn.Parameter(v) for n, v in params.items()}, meta, METHODS[cfg.method]
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -395,103 +329,6 @@ def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[k * batch_size:(k + 1) * batch_size].tolist()
-
-
-@dataclass
-class Run:
-    """What a checkpoint holds, so that a resumed run goes on exactly as an uninterrupted one."""
-    params: dict
-    opt: torch.optim.Optimizer
-    gen: torch.Generator
-    step: int = 0
-    best: float = -1.0
-    chunk: int = 0      # data chunks drawn so far: dynamic sampling draws more than one a step
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # a crash mid-write leaves the previous checkpoint intact
-
-
-def save_checkpoint(run: Run, cfg: TrainConfig, meta: dict, method: Method, out: Path) -> None:
-    """state.pt and last.safetensors, written by rank 0 (with every rank's generator)."""
-    gens = dist.gather([run.gen.get_state()])
-    if not dist.is_main():
-        return
-    state = {"params": detached(run.params), "opt": run.opt.state_dict(), "gen": gens[0],
-             "step": run.step, "best": run.best, "chunks": run.chunk, "config": asdict(cfg)}
-    if len(gens) > 1:
-        state["gens"] = gens
-    save_atomic(state, out / "state.pt")
-    method.File(detached(run.params), {**meta, "step": run.step}).save(out / "last.safetensors")
-
-
-# Settings a resumed run may change: they split the same computation differently, nothing more.
-RESUME_MAY_CHANGE = ("steps", "micro_batch", "micro_tokens")
-
-
-def check_resume(saved: dict | None, cfg: TrainConfig, path: Path, log) -> None:
-    """Refuse to resume a run under other settings: it would no longer be the run it says."""
-    if saved is None:
-        log(f"{path} predates saved settings: cannot check that they are unchanged")
-        return
-    now = asdict(cfg)
-    changed = [f"--{k.replace('_', '-')} {saved[k]} -> {now[k]}" for k in now
-               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
-    if changed:
-        may = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
-        raise ValueError(f"cannot resume {path} with other settings: {'; '.join(changed)} "
-                         f"(only {may} may change)")
-
-
-def load_checkpoint(run: Run, cfg: TrainConfig, out: Path, log) -> None:
-    """Continue from out/state.pt, and keep only the log records of the steps it holds."""
-    path = out / "state.pt"
-    if path.exists():
-        st = torch.load(path, weights_only=True)
-        if set(st["params"]) != set(run.params):
-            raise ValueError(f"{path} holds another method's or targets' tensors than this "
-                             "configuration")
-        check_resume(st.get("config"), cfg, path, log)
-        with torch.no_grad():
-            for n, v in run.params.items():
-                v.copy_(st["params"][n])
-        gens = st.get("gens", [st["gen"]])
-        if len(gens) != dist.world():
-            raise ValueError(f"{path} was saved by {len(gens)} process(es), not {dist.world()}: "
-                             "resume with the same number")
-        run.opt.load_state_dict(st["opt"]), run.gen.set_state(gens[dist.rank()])
-        run.step, run.best, run.chunk = st["step"], st["best"], st.get("chunks", st["step"])
-        log(f"resumed from step {run.step} (best validation accuracy {run.best:.3f})")
-    else:
-        log(f"nothing to resume in {out}: starting fresh")
-    log_path = out / "log.jsonl"
-    kept = [line for line in log_path.read_text().splitlines()
-            if json.loads(line)["step"] <= run.step] if run.step and log_path.exists() else []
-    if dist.is_main():
-        log_path.write_text("".join(line + "\n" for line in kept))
-
-
-class Interrupt:
-    """Ctrl-C during training: the first finishes the step and saves, a second quits at once."""
-
-    def __init__(self, log):
-        self.log, self.asked = log, False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.on_sigint)
-        return self
-
-    def on_sigint(self, signum, frame):
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        self.log("\nCtrl-C: finishing this step and saving a checkpoint "
-                 "(press again to quit at once)")
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
 
 
 def step_function(cfg: TrainConfig) -> Callable[..., dict]:

@@ -16,6 +16,7 @@ from data import cls
 import checkpoint
 import lora
 import options
+import methods
 import rl
 import svf
 from engine import generate_all
@@ -207,7 +208,7 @@ def test_reinforce_loss_and_its_gradient_match_a_float64_cpu_computation(folder,
         loss, parts = rl.reinforce_loss(m, z, prompts, samples, adv, kl_coef=0.1, n_total=3, pad_id=0,
                                         temperature=0.7)
         loss.backward()
-        rl.base_mode(m)
+        methods.base_mode(m)
         assert all(v.grad is not None and v.grad.device == v.device for v in z.values())
         results.append((loss.item(), parts["kl"], torch.cat([v.grad.cpu().double() for v in z.values()])))
     (loss, kl, grad), (loss64, kl64, grad64) = results
@@ -226,8 +227,8 @@ def test_a_training_step_runs_on_the_device(folder, device, dtype, method):
     cfg = rl.TrainConfig(task="toy", method=method, targets="mlp", batch_size=2, samples=3, temperature=1.0, lr=0.05,
                          kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, lora_rank=2, lora_dropout=0.1)
     if method == "lora":
-        z = rl.setup(model, cfg)[0]   # attached, A random and B = 0, on the model's device
-    else:                             # (rl.setup would cache the SVD on disk)
+        z = methods.setup(model, cfg)[0]   # attached, A random and B = 0, on the model's device
+    else:                             # (methods.setup would cache the SVD on disk)
         svf.attach(model, svf.decompose(model, "mlp", cache=False))
         z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     start = {n: v.detach().clone() for n, v in z.items()}

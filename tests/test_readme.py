@@ -11,7 +11,7 @@ README = (ROOT / "README.md").read_text()
 # The reading order, one line per file, as the README lists it.
 READING_ORDER = [
     "model.py", "fast.py", "engine.py", "generate.py", "tokenizer.py", "checkpoint.py",
-    "svf.py", "replies.py", "rl.py", "options.py", "lora.py", "adapt.py", "data/",
+    "svf.py", "replies.py", "rl.py", "methods.py", "resume.py", "options.py", "lora.py", "adapt.py", "data/",
     "train.py", "eval.py", "results.py", "bench.py", "cli.py", "data/sandbox.py",
 ]
 # Our modules; a backticked `module.name` of one of them is a reference to check.

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 import dist
+import methods
 import rl
 import svf
 from model import Completion
@@ -31,7 +32,7 @@ def run(out: Path) -> None:
     model = tiny_model(torch.float32)
     cfg = rl.TrainConfig(task="toy", steps=1, batch_size=8, samples=3, temperature=0.8, lr=0.05,
                          kl_coef=0.1, baseline="loo", micro_batch=3, gen_batch=6)
-    z, _, _ = rl.setup(model, cfg)
+    z, _, _ = methods.setup(model, cfg)
     with torch.no_grad():  # start away from z = 1, so that the KL term is live
         for n, v in z.items():
             v.mul_(1 + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)))
