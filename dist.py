@@ -101,5 +101,8 @@ def barrier() -> None:
 
 
 def close() -> None:
+    """Leave the group together: a rank that tears down its gloo connections while another
+    still sends on them aborts the other ("terminate called without an active exception")."""
     if active():
+        td.barrier()
         td.destroy_process_group()

@@ -114,6 +114,7 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     else:
         print(f"no validation (--eval-every 0); the expert after step {expert.meta['step']}: "
               f"{out_dir / 'last.safetensors'}")
+    dist.close()  # every rank leaves the process group together
 
 
 def per_task(key: str) -> str:
