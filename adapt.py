@@ -1,7 +1,7 @@
 """Self-adaptation at inference time (paper section 3.2): two passes, three ways to choose z.
 
 First pass: look at the prompt and decide the expert vector z. Second pass: answer the
-prompt with W' = U diag(s * z) V^T (eval.answer, grouped by expert). The first pass is one of:
+prompt with W' = U diag(s * z) V^T (second_pass, grouped by expert). The first pass is one of:
 
 a. prompt   classify(..., z=None): the base model reads CLASSIFY_SYSTEM and the question and
             names a category, code, math, reasoning or other; dispatch() maps it to an expert
@@ -377,7 +377,7 @@ def second_pass(model, tokenizer, task, problems: list[dict], experts: dict[str,
                 on_batch=None) -> list[Completion]:
     """Answer each problem with the expert chosen for it, grouped by expert so that
     each expert's weights are composed once and its problems are generated in batches
-    (how="likelihood": the likeliest option is the answer, see choose_options).
+    (how="likelihood": the likeliest option is the answer, see replies.choose_options).
     on_batch(indices into problems, completions) sees each batch as it is done."""
     completions = [None] * len(problems)
     for name in sorted(set(choice)):
@@ -388,8 +388,8 @@ def second_pass(model, tokenizer, task, problems: list[dict], experts: dict[str,
             svf.use_expert(model, experts[name], cache=True)
         done = None if on_batch is None else lambda js, outs: on_batch([idx[j] for j in js], outs)
         if how == "likelihood":
-            outs = choose_options(model, tokenizer, task, [problems[i] for i in idx], batch_size,
-                                  desc=f"{task.name} [{name}, likelihood]", on_batch=done)
+            outs = replies.choose_options(model, tokenizer, task, [problems[i] for i in idx],
+                                          batch_size, f"{task.name} [{name}, likelihood]", done)
         else:
             prompts = [tokenizer.encode_chat(task.messages(problems[i])) for i in idx]
             outs = generate_all(model, tokenizer, prompts, batch_size, desc=f"{task.name} [{name}]",
@@ -400,20 +400,3 @@ def second_pass(model, tokenizer, task, problems: list[dict], experts: dict[str,
     svf.use_expert(model, None)
     lora.use_adapter(model, None)
     return completions
-
-
-@torch.inference_mode()
-def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int, desc: str = "",
-                   on_batch=None) -> list[Completion]:
-    """The option whose reply has the highest log-likelihood (summed over its tokens) under the
-    current weights; its text is the response, scored like a generated one."""
-    outs = []
-    for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
-        group = problems[i:i + batch_size]
-        logits = replies.option_logits(model, tokenizer, task, group, 1.0)
-        chosen = [Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood")
-                  for p, lp in zip(group, logits)]
-        outs += chosen
-        if on_batch:
-            on_batch(list(range(i, i + len(group))), chosen)
-    return outs

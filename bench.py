@@ -588,9 +588,9 @@ def bench_adapt(rep: Report, S: Sizes, figures: dict) -> None:
                 t["full"] / t_second, lower_is_better=True, target="paper: 0.13-0.47")
 
     stage("adapt: switching between the shipped experts")
-    import eval as evaluate
-    names = evaluate.DOMAIN_EXPERTS + ["cls"]
-    experts = evaluate.load_experts(model, evaluate.resolve_experts(names, ROOT / "experts"))
+    from experts import DOMAIN_EXPERTS, load_experts, resolve_experts
+    names = DOMAIN_EXPERTS + ["cls"]
+    experts = load_experts(model, resolve_experts(names, ROOT / "experts"))
     t_new = race({n: lambda n=n: svf.use_expert(model, experts[n], cache=True) for n in names}, 1)
     t_hit = race({n: lambda n=n: svf.use_expert(model, experts[n], cache=True) for n in names}, 5)
     svf.use_expert(model, None)

@@ -9,8 +9,9 @@ replies share one packed row, so the prompt is computed once, not once per reply
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
-from model import Transformer, attention_mask
+from model import Completion, Transformer, attention_mask
 
 
 def common_prefix(prompts: list[list[int]]) -> int:
@@ -119,3 +120,20 @@ def option_logits(model: Transformer, tokenizer, task, problems: list[dict],
     prompts, replies = zip(*[option_policy(tokenizer, task, p) for p in problems])
     logp = reply_logprobs(model, list(prompts), list(replies), tokenizer.pad_id)
     return [lp / temperature for lp in logp]
+
+
+@torch.inference_mode()
+def choose_options(model, tokenizer, task, problems: list[dict], batch_size: int, desc: str = "",
+                   on_batch=None) -> list[Completion]:
+    """The option whose reply has the highest log-likelihood (summed over its tokens) under the
+    current weights; its text is the response, scored like a generated one."""
+    outs = []
+    for i in tqdm(range(0, len(problems), batch_size), desc=desc, leave=False):
+        group = problems[i:i + batch_size]
+        logits = option_logits(model, tokenizer, task, group, 1.0)
+        chosen = [Completion([], task.option_responses(p)[int(lp.argmax())], finish="likelihood")
+                  for p, lp in zip(group, logits)]
+        outs += chosen
+        if on_batch:
+            on_batch(list(range(i, i + len(group))), chosen)
+    return outs

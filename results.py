@@ -154,11 +154,11 @@ def answers(run: dict) -> str:
     return text + f" (answering {top} every time would score {sum(r.get('gold') == top for r in rows)}/{len(rows)})"
 
 
-# Strategies whose results changed with eval.CODE_VERSION 2 (the mixing rule, the first pass's input):
+# Strategies whose results changed with records.CODE_VERSION 2 (the mixing rule, the first pass's input):
 # their cells from older summaries are marked until they are run again.
 CHANGED_IN_2 = ("prompt", "cls", "fewshot")
 STALE = ("† made by the code before the correctness fixes of the mixing rule and the first pass "
-         "(eval.CODE_VERSION 1): to be run again")
+         "(records.CODE_VERSION 1): to be run again")
 
 
 def stale(run: dict | None) -> bool:

@@ -12,7 +12,8 @@ README = (ROOT / "README.md").read_text()
 READING_ORDER = [
     "model.py", "fast.py", "engine.py", "generate.py", "tokenizer.py", "checkpoint.py",
     "svf.py", "replies.py", "rl.py", "methods.py", "resume.py", "options.py", "lora.py", "adapt.py", "data/",
-    "train.py", "eval.py", "results.py", "bench.py", "cli.py", "data/sandbox.py",
+    "train.py", "eval.py", "experts.py", "records.py", "results.py", "bench.py", "cli.py", "dist.py",
+    "data/sandbox.py",
 ]
 # Our modules; a backticked `module.name` of one of them is a reference to check.
 MODULES = [f.removesuffix(".py").removesuffix("/") for f in READING_ORDER if f != "data/sandbox.py"] + ["fetch"]

@@ -34,6 +34,7 @@ def write_summary(folder: Path, correct: list[bool], ids: list[str], answers: li
     write_results) for these verdicts; extra: what the passes not run here would have measured
     (first-pass time, routing)."""
     import eval as evaluation
+    import records
     from model import Completion
     n, task = len(correct), GivenTask(folder.name, answers, len(correct))
     problems = [{"id": i, "index": k, "question": f"question {i}", "answer": "gold"}
@@ -44,11 +45,11 @@ def write_summary(folder: Path, correct: list[bool], ids: list[str], answers: li
     run = {"task": folder.name, "strategy": cfg.strategy, "answer": cfg.answer, "split": cfg.split,
            "limit": n, "seed": 0}
     command = f"python eval.py --task {folder.name} --strategy {folder.parent.name}"
-    summary = evaluation.summarise(task, problems, [], completions, correct, first, cfg, run,
-                                   60.0, 0.0, command, False) | extra
+    summary = records.summarise(task, problems, [], completions, correct, first, cfg, run,
+                                60.0, 0.0, command, False) | extra
     folder.mkdir(parents=True)
-    (folder / evaluation.PARTIAL).touch()  # as during a run: the writer ends it
-    evaluation.write_results(folder, task, problems, completions, correct, first, summary)
+    (folder / records.PARTIAL).touch()  # as during a run: the writer ends it
+    records.write_results(folder, task, problems, completions, correct, first, summary)
 
 
 def interval(tree: Path, folder: str) -> str:
