@@ -7,7 +7,7 @@ a. prompt   classify(..., z=None): the base model reads CLASSIFY_SYSTEM and the 
             names a category, code, math, reasoning or other; dispatch() maps it to an expert
             (LABEL_TO_EXPERT). "other" or no label means the base model, z = None (= 1).
 b. cls      classify(..., z=z_c): the same prompt, read with the classification expert z_c, an
-            SVF expert trained by rl.train on CLS_TASK (questions from the three training
+            SVF expert trained by loop.train on CLS_TASK (questions from the three training
             splits, labelled by domain: cls_problems; reward +1 for the right label).
 c. fewshot  fewshot(): mix the experts' changes, z' = 1 + sum_k alpha_k (z_k - 1) (svf.mix, which
             keeps the model's scale where the paper's sum_k alpha_k z_k does not), and search alpha
@@ -17,14 +17,10 @@ c. fewshot  fewshot(): mix the experts' changes, z' = 1 + sum_k alpha_k (z_k - 1
             a small model rarely has, so its ties would go unbroken).
             pick_shots draws the shots and removes them from the problems that are scored.
 
-How the first pass reads the label. The paper lets the model write "\\boxed{category}" and
-parses it (parse_label, kept for method="generate"). SmolLM2-135M never did in our check (it
-answers the question instead), so by default classify() scores the four possible replies
-"\\boxed{code}", ... "\\boxed{other}" by their log-likelihood and takes the most likely one
-(replies.reply_logprobs: one forward pass in which the prompt is computed once and the four
-replies branch off it), and never an unparsable answer.
-Training the classification expert raises the probability of the right reply "\\boxed{math}",
-which is exactly what this reading compares (data/cls.py says which rollouts it needs).
+The first pass reads a label by likelihood: of the four replies "\\boxed{code}", ...
+"\\boxed{other}" it takes the likeliest (replies.reply_logprobs, the prompt computed once), the
+reply the classification expert is trained to raise. The paper parses a generated reply
+instead (method="generate", parse_label), which SmolLM2-135M does not write.
 
 Fixes to the official code (the paper's known pitfalls): "other" really resets to the base
 model; the classification expert never sees an evaluation question; mixing happens in the space
@@ -46,9 +42,10 @@ import data
 import lora
 import replies
 import svf
+from completion import Completion
+from data.cls import CLS_TASK, DOMAIN_EXPERTS, LABEL_TO_EXPERT, LABELS, classify_messages, normalise, parse_label
 from engine import generate_all
-from data.cls import CLS_TASK, LABEL_TO_EXPERT, LABELS, classify_messages, normalise, parse_label
-from model import Completion, Transformer, generate
+from model import Transformer, generate
 from replies import reply_logprobs
 
 # ----------------------------------------------------------------------------- first pass: classify
@@ -206,19 +203,6 @@ def pick_shots(task_name: str, split: str, problems: list[dict], k: int, seed: i
     return shots, rest
 
 
-@torch.no_grad()
-def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[list[int]],
-                pad_id: int, micro_batch: int = 4) -> float:
-    """Mean over responses of the per-token mean log p(response | prompt). Micro-batches bound the
-    (tokens, vocab) logits in memory (a MATH solution is hundreds of tokens)."""
-    means = []
-    for i in range(0, len(prompts), micro_batch):
-        rs = responses[i:i + micro_batch]
-        logp = reply_logprobs(model, prompts[i:i + micro_batch], [[r] for r in rs], pad_id)
-        means += [lp.item() / max(len(r), 1) for lp, r in zip(logp, rs)]
-    return sum(means) / len(means)
-
-
 def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: list[dict],
                       experts: list[dict], per_layer: bool = False,
                       answer: str = "generate") -> Callable[[torch.Tensor], Score]:
@@ -239,7 +223,7 @@ def fewshot_objective(model: Transformer, tokenizer, task: data.Task, shots: lis
         outs = generate(model, tokenizer, prompts, task.max_new_tokens,
                         stop_strings=tuple(task.stop))
         accuracy = sum(task.score_many(shots, [c.text for c in outs])) / len(shots)
-        return accuracy, mean_loglik(model, prompts, references, tokenizer.pad_id)
+        return accuracy, replies.mean_loglik(model, prompts, references, tokenizer.pad_id)
 
     def by_likelihood() -> Score:
         right, logp = 0, 0.0
@@ -286,38 +270,10 @@ def fewshot(model: Transformer, tokenizer, task: data.Task, shots: list[dict],
     return svf.mix(zs, alphas.float()), report
 
 
-def save_adapted(path, model: Transformer, z: dict[str, torch.Tensor], report: dict) -> svf.Expert:
-    """Save z' as an ordinary expert file (reusable with --strategy expert:PATH)."""
-    targets = next(t for t in svf.TARGETS if set(svf.target_names(model, t)) == set(z))
-    meta = {"base_model": svf.model_fingerprint(model), "targets": targets, "task": report["task"],
-            "parametrisation": "plain z, W' = U diag(s*z) V^T",
-            "fewshot": {k: report[k] for k in ("experts", "per_layer", "alpha", "best", "shots")}}
-    expert = svf.Expert(z, meta)
-    expert.save(path)
-    return expert
-
-
 # ----------------------------------------------------------------------------- the two passes
 # A strategy names its experts (strategy_experts); the first pass chooses one per problem
 # (first_pass: a label read by the base model or the cls expert, or few-shot's mixture), and the
 # second pass answers each problem with its choice, grouped by expert (second_pass).
-DOMAIN_EXPERTS = list(LABEL_TO_EXPERT.values())  # gsm8k (math), mbpp (code), arc_easy (reasoning)
-
-
-def experts_needed(strategy: str) -> list[str]:
-    """The expert files a strategy reads."""
-    if strategy == "base":
-        return []
-    if strategy.startswith("expert:"):
-        return [strategy.split(":", 1)[1]]
-    if strategy in ("prompt", "fewshot"):
-        return DOMAIN_EXPERTS
-    if strategy == "cls":
-        return DOMAIN_EXPERTS + ["cls"]
-    raise ValueError(f"unknown strategy {strategy!r} (--strategy): choose base, prompt, cls, "
-                     "fewshot or expert:NAME")
-
-
 def strategy_experts(strategy: str, loaded: dict[str, dict]) -> dict[str, dict | None]:
     """The experts a strategy's second pass answers with, by name (None: the base model);
     fewshot's z' is made by its first pass."""
@@ -363,7 +319,7 @@ def first_pass(model, tokenizer, task, problems: list[dict], strategy: str, load
     z, report = fewshot(model, tokenizer, task, shot_problems, domain, per_layer, generations,
                         population, seed, how, searched, on_generation)
     (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
-    save_adapted(out / "fewshot.safetensors", model, z, report)
+    svf.save_adapted(out / "fewshot.safetensors", model, z, report)
     means = torch.tensor(report["alpha"]).reshape(len(report["experts"]), -1).mean(1).tolist()
     alpha = ", ".join(f"{n} {a:.2f}" for n, a in zip(report["experts"], means))
     print(f"{task.name}: few-shot alpha ({'mean over matrices: ' if per_layer else ''}{alpha}), "

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import cli
+import config
 import data
 from data import cls
 import fast
@@ -501,7 +502,7 @@ def bench_svf(rep: Report, S: Sizes, threads: int, seed: int, figures: dict, mem
 
         # One REINFORCE step against its floor. At the first step z = 1, so with the same seed the floor's
         # plain generation samples (nearly) the same sequences as the step's rollout.
-        cfg = rl.TrainConfig(task="gsm8k", batch_size=S.train_prompts, samples=S.train_samples,
+        cfg = config.TrainConfig(task="gsm8k", batch_size=S.train_prompts, samples=S.train_samples,
                              max_new_tokens=S.train_tokens, gen_batch=16, micro_batch=8, seed=seed)
         task = data.TASKS[cfg.task]
         problems = data.load(cfg.task, "train")[:cfg.batch_size]
@@ -726,7 +727,6 @@ LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
                 "original_max_position_embeddings": 8192}
 LLAMA3_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
                       norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA31_ROPE, max_seq_len=4096)
-UNSEEN_TASKS = ("arc_challenge", "humaneval", "math")  # the paper's Table 2 tasks, where the two passes run
 
 
 @dataclass
@@ -973,7 +973,7 @@ def scale_passes(rep: Report, sc: Scale) -> dict:
     this is the second pass's upper bound) on the unseen tasks' own prompts, at the lengths Llama 3 gives them."""
     import adapt
     S, dev, out = sc.S, sc.device, {}
-    for name in UNSEEN_TASKS:
+    for name in data.UNSEEN:
         task = data.TASKS[name]
         problems = data.load(name, "test")[:S.pass_questions]
         questions = [task.messages(p)[-1]["content"] for p in problems]   # what eval.py's first pass reads
@@ -1070,7 +1070,7 @@ def scale_train_setup(sc: Scale):
     """The trainer's configuration and GSM8K prompts of one step: prompts x samples x new tokens, with the
     exact KL (kl_coef 0.1) and no baseline (the paper's), so the random model's rewards still make an update."""
     S = sc.S
-    cfg = rl.TrainConfig(task="gsm8k", batch_size=S.train_prompts, samples=S.train_samples,
+    cfg = config.TrainConfig(task="gsm8k", batch_size=S.train_prompts, samples=S.train_samples,
                          max_new_tokens=S.train_tokens, gen_batch=S.train_prompts * S.train_samples, baseline="none",
                          seed=sc.seed)
     task = data.TASKS[cfg.task]
@@ -1245,6 +1245,36 @@ def bench_scale(rep: Report, figures: dict, args: ModelArgs = LLAMA3_8B, S: Scal
 
 
 # ----------------------------------------------------------------------------- command line
+def bench_sandbox(rep: Report, figures: dict, workers: int = 4) -> None:
+    """Programs per second on the MBPP reference solutions in each isolation mode this machine
+    has; the peer is the process-only mode. mbpp/123 is left out: its reference alone takes
+    ~6 s of CPU, so the run would time that one program instead of the sandbox."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data import sandbox
+    mbpp = data.TASKS["mbpp"]
+    problems = [p for split in data.SPLITS["mbpp"] for p in data.load("mbpp", split)
+                if p["id"] != "mbpp/123"]
+    jobs = [(mbpp.program(p, mbpp.reference_response(p)), p["tests"]) for p in problems]
+    modes = [sandbox.PROCESS_ONLY] + ([sandbox.NAMESPACES]
+                                      if sandbox.isolation() == sandbox.NAMESPACES else [])
+    for mode in modes:
+        stage(f"sandbox: {len(jobs)} MBPP reference solutions, {mode}, {workers} workers")
+        began = time.monotonic()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(lambda job: sandbox.run_once(
+                *job, timeout=60, memory_mb=1024, namespaces=mode == sandbox.NAMESPACES), jobs))
+        wall = time.monotonic() - began
+        seconds = sorted(r.seconds for r in results)
+        figures[mode] = {"programs_per_s": len(jobs) / wall, "passed": sum(r.passed for r in results),
+                         "programs": len(jobs), "median_ms": 1000 * seconds[len(seconds) // 2]}
+    base = figures[sandbox.PROCESS_ONLY]["programs_per_s"]
+    for mode in modes:
+        f = figures[mode]
+        rep.add("sandbox", f"{mode}: programs/s ({f['passed']}/{f['programs']} passed)",
+                f["programs_per_s"], "prog/s", "process only", base)
+
+
 def main(section: str, threads: int, quick: bool, agree_prompts: int | None, json_out: str | None,
          seed: int) -> None:
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -1294,6 +1324,10 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
         figures["rollout"] = {}
         bench_rollout(rep, ROLLOUT_QUICK if quick else ROLLOUT_FULL, seed, figures["rollout"])
         rep.print("rollout")
+    if section in ("sandbox", "all"):
+        figures["sandbox"] = {}
+        bench_sandbox(rep, figures["sandbox"])
+        rep.print("sandbox")
     if section == "scale":  # not in "all": it needs a CUDA GPU (and writes its JSON as it goes: $OUT by default)
         if not torch.cuda.is_available():
             raise SystemExit("bench.py --section scale needs a CUDA GPU (tests/test_bench_scale.py runs it at a tiny "
@@ -1324,7 +1358,7 @@ def main(section: str, threads: int, quick: bool, agree_prompts: int | None, jso
 if __name__ == "__main__":
     p = cli.parser("Speed and memory of the model and of SVF training, beside peers measured in\n"
                    "the same run (Hugging Face transformers, the plain base model).")
-    sections = ("model", "memory", "svf", "adapt", "rollout", "scale", "all")
+    sections = ("model", "memory", "svf", "adapt", "rollout", "sandbox", "scale", "all")
     p.add_argument("--section", choices=sections, default="all",
                    help="model: loading, decoding, prefill, bfloat16, memory (issue 'foundation'); "
                         "memory: only the peak-memory part of model; "
@@ -1332,7 +1366,8 @@ if __name__ == "__main__":
                         "adapt: first pass against second pass per unseen task, switching experts "
                         "(issue 'adaptation'); rollout: generate_many against generate_all, "
                         "transformers and the matrix-product ceiling at batch 32, 64, 128 (issue "
-                        "16); scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside "
+                        "16); sandbox: MBPP reference solutions per second in each isolation mode; "
+                        "scale: Llama-3-8B's shape in bfloat16 on a CUDA GPU beside "
                         "transformers, not part of all (issue 20)")
     p.add_argument("--threads", type=cli.positive_int, default=2,
                    help="torch CPU threads (also for the memory subprocesses)")

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import (Completion, KVCache, Transformer, add_token, check_prompts, finish_text,
-                   generate)
+from completion import Completion, add_token, finish_text
+from model import KVCache, Transformer, check_prompts, generate
 
 
 def generate_all(model: Transformer, tokenizer, prompts: list[list[int]], batch_size: int,

@@ -41,7 +41,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,62 +54,13 @@ import data
 import results
 import svf
 from checkpoint import load
-from cli import fail, option
+from cli import fail
+from config import EvalConfig
 from data import cls
-from experts import (EXPERTS_DIR, check_adapter, load_adapter, load_experts, read_experts,
-                     resolve_experts)
+from experts import (EXPERTS_DIR, check_adapter, experts_needed, load_adapter, load_experts,
+                     read_experts, resolve_experts)
 from records import (PARTIAL, first_pass, resume_from, second_pass, summarise, summary_line, wilson,
                      write_results)
-
-UNSEEN = ["arc_challenge", "humaneval", "math"]
-
-
-@dataclass
-class EvalConfig:
-    task: str = option("unseen", f"a task ({', '.join(data.SPLITS)}), several joined by commas, "
-                       f"'all', or 'unseen' ({', '.join(UNSEEN)})")
-    strategy: str = option("base", "base, prompt, cls, fewshot or expert:NAME (see above); "
-                           "several joined by commas are evaluated on the same problems and "
-                           "compared with the first (paired, McNemar)")
-    split: str = option("test", "split to evaluate")
-    limit: int = option(0, "a seeded random subset of this many problems (0: all)",
-                        cli.non_negative_int)
-    seed: int = option(0, "seed of the subset and of everything random", cli.seed)
-    batch_size: int = option(16, "prompts per generation batch", cli.positive_int)
-    max_new_tokens: int = option(0, "0: each task's own budget", cli.non_negative_int)
-    workers: int = option(4, "parallel sandboxes for code tasks", cli.positive_int)
-    experts_dir: str | None = option(None, "where expert NAME is NAME.safetensors (gsm8k, mbpp, "
-                                     "arc_easy, cls; default: the repository's experts/)",
-                                     cli.existing_folder)
-    classify: str = option("likelihood", "prompt/cls: score the four replies \\boxed{label} by "
-                           "likelihood, or generate one and parse it",
-                           choices=("likelihood", "generate"))
-    adapter: str | None = option(None, "evaluate a LoRA adapter: NAME (adapters/NAME.safetensors)"
-                                 " or a .safetensors path (default: none)")
-    answer: str = option("generate", "generate: greedy replies, parsed; likelihood: ARC only, the "
-                         "option likeliest as the reply to the bare question, no generation",
-                         choices=("generate", "likelihood"))
-    resume: bool = option(False, "go on with an interrupted evaluation of the same settings: keep "
-                          "its first pass and the answers it saved "
-                          "(OUT/STRATEGY/TASK/partial.jsonl), skip tasks already done")
-    routing: bool = option(False, "instead of a task: label the training tasks' validation "
-                           "questions with the prompt and the cls first pass, and write their "
-                           "confusion matrices to OUT/routing/ (--limit: a subset)")
-    shots: int = option(10, "fewshot: problems used to fit alpha, then left out",
-                        cli.positive_int)
-    generations: int = option(10, "fewshot: CEM generations (the paper used 50-100; 10 keeps a "
-                              "CPU run short)", cli.positive_int)
-    population: int = option(32, "fewshot: CEM samples per generation", cli.positive_int)
-    per_layer: bool = option(False, "fewshot: one alpha per expert per matrix, as the official "
-                             "code (else one per expert)")
-    model: str | None = option(None, "a .gguf file or Hugging Face folder (default: "
-                               "SmolLM2-135M-Instruct)", cli.model_path)
-    device: str = option("auto", "cpu, cuda, cuda:N or mps (auto: cuda if available)", cli.device)
-    dtype: str = option("auto", "float32, bfloat16 or float16 (auto: float32 on CPU)",
-                        choices=cli.DTYPES)
-    threads: int = option(0, "CPU threads for torch (0: torch's choice)", cli.non_negative_int)
-    out: str = option("runs/eval", "results go to OUT/STRATEGY/TASK/", cli.output_folder)
-
 
 def subset(problems: list[dict], limit: int, seed: int) -> list[dict]:
     """A seeded random subset of `limit` problems (all when limit is 0), in the file's order."""
@@ -224,7 +175,7 @@ def routing(model, tokenizer, cls_z: dict, limit: int, seed: int, batch_size: in
 
 def check(cfg: EvalConfig) -> list[str]:
     """Every rule the settings must keep, in one place; returns the tasks to evaluate."""
-    tasks = list(data.SPLITS) if cfg.task == "all" else UNSEEN if cfg.task == "unseen" \
+    tasks = list(data.SPLITS) if cfg.task == "all" else data.UNSEEN if cfg.task == "unseen" \
         else cfg.task.split(",")
     for t in tasks:
         if t not in data.SPLITS:
@@ -250,7 +201,7 @@ def main(cfg: EvalConfig) -> list[dict]:
     strategies = cfg.strategy.split(",")
     try:
         needed = ["cls"] if cfg.routing else list(dict.fromkeys(
-            n for s in strategies for n in adapt.experts_needed(s)))
+            n for s in strategies for n in experts_needed(s)))
     except ValueError as err:
         fail(str(err))
     paths = resolve_experts(needed, Path(cfg.experts_dir or EXPERTS_DIR))  # before the model

@@ -8,14 +8,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import adapt
 import lora
 import svf
 from cli import fail
+from data.cls import DOMAIN_EXPERTS  # gsm8k (math), mbpp (code), arc_easy (reasoning)
 
 EXPERTS_DIR = Path(__file__).resolve().parent / "experts"  # the experts shipped with the repo
 ADAPTERS_DIR = Path(__file__).resolve().parent / "adapters"  # the shipped LoRA baselines
-DOMAIN_EXPERTS = adapt.DOMAIN_EXPERTS  # gsm8k (math), mbpp (code), arc_easy (reasoning)
+
+
+def experts_needed(strategy: str) -> list[str]:
+    """The expert files a strategy reads."""
+    if strategy == "base":
+        return []
+    if strategy.startswith("expert:"):
+        return [strategy.split(":", 1)[1]]
+    if strategy in ("prompt", "fewshot"):
+        return DOMAIN_EXPERTS
+    if strategy == "cls":
+        return DOMAIN_EXPERTS + ["cls"]
+    raise ValueError(f"unknown strategy {strategy!r} (--strategy): choose base, prompt, cls, "
+                     "fewshot or expert:NAME")
 
 
 def resolve_experts(names: list[str], experts_dir: Path) -> dict[str, Path]:

@@ -238,7 +238,7 @@ def reference_tokens(tokenizer, task, problem: dict, end: list[int]):
 def sft_step(model, tokenizer, task, problems, params, opt, cfg, generator, more=None) -> dict:
     """One step of loss = mean over all reference tokens of -log p(y_t | x, y_<t), in
     micro-batches each divided by the step's token count, so that the accumulated gradient is
-    one big batch's. cfg is an rl.TrainConfig; its method says what params are."""
+    one big batch's. cfg is a config.TrainConfig; its method says what params are."""
     t0 = time.perf_counter()
     end = sorted(tokenizer.end_of_turn_ids())[:1] or [tokenizer.eos_id]  # learn to stop
     pairs = [reference_tokens(tokenizer, task, p, end) for p in problems]

@@ -8,16 +8,15 @@ method, chosen once from the config's `method` by `setup`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 import lora
 import svf
+from config import TrainConfig
 from model import Transformer
 
-if TYPE_CHECKING:  # for the type hints only: rl.py imports this file
-    from rl import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,13 @@ generation for many prompts in engine.py, and the command line in generate.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from completion import Completion, add_token, finish_text
 
 
 @dataclass
@@ -276,14 +278,7 @@ def attention_mask(slots: torch.Tensor, pad: torch.Tensor | None, window: int | 
 
 
 # ----------------------------------------------------------------------------- generation
-@dataclass
-class Completion:
-    tokens: list[int]                      # generated ids, including a final stop token
-    text: str                              # decoded, cut before any stop string
-    logprobs: list[float] = field(default_factory=list)  # log p(token), temperature 1
-    finish: str = "length"                 # "stop" (EOS or stop string) or "length"
-
-
+# (what a generation returns, and when it stops, is completion.py)
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
            generator=None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, vocab): greedy at temperature 0, else nucleus."""
@@ -338,14 +333,6 @@ def decode_one(model: Transformer, tokens: torch.Tensor, pad, cache, slot: int) 
     return model(tokens[:, None], pad, cache, slot)[:, -1]
 
 
-def keep_rows(keep: list[int], pad, cache, device):
-    """Drop finished rows, so that later steps compute only the live ones."""
-    rows = torch.tensor(keep, device=device)
-    for layer_cache in cache:
-        layer_cache.keep_rows(rows)
-    return rows, None if pad is None else pad[rows]
-
-
 @torch.inference_mode()
 def generate(model: Transformer, tokenizer, prompts: list[list[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, stop_strings: tuple[str, ...] = (),
@@ -365,31 +352,13 @@ def generate(model: Transformer, tokenizer, prompts: list[list[int]], max_new_to
                                                                 tokenizer, stop_strings)]
         if not alive or step == max_new_tokens - 1:
             break
-        if len(alive) < len(rows):
-            keep, pad = keep_rows(alive, pad, cache, device)
+        if len(alive) < len(rows):  # drop finished rows: later steps compute live ones only
+            keep = torch.tensor(alive, device=device)
+            for layer_cache in cache:
+                layer_cache.keep_rows(keep)
             rows, next_tok = [rows[i] for i in alive], next_tok[keep]
+            pad = None if pad is None else pad[keep]
         logits = decode_one(model, next_tok, pad, cache, T + step)
     for c in out:
         finish_text(c, tokenizer, stop_strings)
     return out
-
-
-def add_token(c: Completion, token: int, logprob: float, tokenizer, stop_strings) -> bool:
-    """Append a token; True when it ends the completion (a stop token or a stop string)."""
-    c.tokens.append(token)
-    c.logprobs.append(logprob)
-    if token in tokenizer.stop_ids or stop_strings and hit_stop_string(c, tokenizer, stop_strings):
-        c.finish = "stop"
-    return c.finish == "stop"
-
-
-def hit_stop_string(c: Completion, tokenizer, stop_strings) -> bool:
-    tail = tokenizer.decode(c.tokens[-16:])  # a short stop string ends in the last few tokens
-    return any(s in tail for s in stop_strings)
-
-
-def finish_text(c: Completion, tokenizer, stop_strings) -> None:
-    """The completion's text: its tokens but stop tokens, cut before the first stop string."""
-    text = tokenizer.decode([t for t in c.tokens if t not in tokenizer.stop_ids])
-    cuts = [text.find(s) for s in stop_strings if s in text]
-    c.text = text[:min(cuts)] if cuts else text

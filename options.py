@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from replies import option_logits
+from config import TrainConfig
 from methods import METHODS, SVF, Method, answer_mode, base_mode
-from rl import TrainConfig, advantages, skip_update
+from replies import option_logits
+from rl import advantages, skip_update
 
 
 def option_step(model, tokenizer, task, problems, z, opt, cfg: TrainConfig, generator,

@@ -16,16 +16,14 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import adapt
 import data
 import svf
 from cli import fail
-from model import Completion
+from completion import Completion
+from config import EvalConfig
 
-if TYPE_CHECKING:  # for the type hints only: eval.py imports this file
-    from eval import EvalConfig
 
 
 # The version of the code that makes a summary: raised when a fix changes what a strategy gives,

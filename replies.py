@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from model import Completion, Transformer, attention_mask
+from completion import Completion
+from model import Transformer, attention_mask
 
 
 def common_prefix(prompts: list[list[int]]) -> int:
@@ -105,6 +106,19 @@ def reply_logprobs(model: Transformer, prompts: list[list[int]], replies: list[l
     n = sum(len(rs) for rs in replies)
     sums = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, reply, logp)
     return list(sums.split([len(rs) for rs in replies]))
+
+
+@torch.no_grad()
+def mean_loglik(model: Transformer, prompts: list[list[int]], responses: list[list[int]],
+                pad_id: int, micro_batch: int = 4) -> float:
+    """Mean over responses of the per-token mean log p(response | prompt). Micro-batches bound the
+    (tokens, vocab) logits in memory (a MATH solution is hundreds of tokens)."""
+    means = []
+    for i in range(0, len(prompts), micro_batch):
+        rs = responses[i:i + micro_batch]
+        logp = reply_logprobs(model, prompts[i:i + micro_batch], [[r] for r in rs], pad_id)
+        means += [lp.item() / max(len(r), 1) for lp, r in zip(logp, rs)]
+    return sum(means) / len(means)
 
 
 def option_policy(tokenizer, task, problem: dict) -> tuple[list[int], list[list[int]]]:

@@ -12,15 +12,13 @@ import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from typing import TYPE_CHECKING
 
 import torch
 
 import dist
+from config import TrainConfig
 from methods import Method, detached
 
-if TYPE_CHECKING:  # for the type hints only: rl.py imports this file
-    from rl import TrainConfig
 
 
 @dataclass

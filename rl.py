@@ -12,123 +12,23 @@ terms are sums over a response's tokens, as in the paper's sequence-level object
 sequence KL is estimated on the sampled y as sum_t KL_t, each KL_t exact over the
 vocabulary. Both are averaged over the step's responses, so lambda means the paper's.
 
-Read top to bottom: the config, advantages, exact_kl, reinforce_loss, rollout with dynamic
-sampling, train_step, and the loop. What is trained (SVF's z or the LoRA baseline's A and B)
-is methods.py; the checkpoint and Ctrl-C are resume.py; the multiple-choice rollout is
-options.py; the LoRA baseline's supervised objective is lora.sft_step.
+Read top to bottom: advantages, exact_kl, reinforce_loss, rollout with dynamic sampling, and
+train_step. The settings are config.py, the loop around the step loop.py; what is trained
+(SVF's z or the LoRA baseline's A and B) is methods.py; the multiple-choice rollout is
+options.py, and the LoRA baseline's supervised objective lora.sft_step.
 """
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
-from tqdm import tqdm
 
-import cli
-import data
 import dist
-import lora
-import svf
-from cli import option
+from config import TrainConfig
 from engine import generate_all
-from methods import METHODS, SVF, Method, answer_mode, base_mode, detached, setup
+from methods import METHODS, SVF, Method, answer_mode, base_mode
 from model import Transformer
 from replies import micro_batches, reply_logits
-from resume import Interrupt, Run, load_checkpoint, save_checkpoint
-
-
-@dataclass
-class TrainConfig:
-    task: str = option("gsm8k", "task to train the expert on (cls: the classification expert "
-                       "of paper section 3.2)", choices=("gsm8k", "mbpp", "arc_easy", "cls"))
-    method: str = option("svf", "svf: an expert vector z (the paper); lora: the LoRA baseline "
-                         "it is compared against", choices=("svf", "lora"))
-    objective: str = option("reinforce", "reinforce: REINFORCE + KL on the task's reward; sft: "
-                            "next-token prediction on the reference responses (default: "
-                            "reinforce for svf, sft for lora, as in the paper)",
-                            choices=("reinforce", "sft"))
-    targets: str = option("mlp", "svf: matrices that get a z vector", choices=tuple(svf.TARGETS))
-    lora_rank: int = option(16, "lora: rank r (the paper's baseline: 16)", cli.positive_int)
-    lora_alpha: float = option(32.0, "lora: scale alpha (delta = alpha/r B A)", cli.positive_float)
-    lora_dropout: float = option(0.05, "lora: dropout on the adapter's input", cli.fraction)
-    lora_targets: str = option("qv", "lora: matrices that get an adapter",
-                               choices=("qv", "attn", "mlp", "all"))
-    steps: int = option(100, "optimiser steps", cli.positive_int)
-    batch_size: int = option(8, "prompts per step (with --dynamic-draws: groups with differing "
-                             "rewards wanted per step, drawn in chunks of this many prompts)",
-                             cli.positive_int)
-    samples: int = option(4, "responses sampled per prompt", cli.positive_int)
-    temperature: float = option(0.7, "rollout temperature (> 0); the log-probs are scored at it",
-                                cli.positive_float)
-    top_p: float = option(1.0, "rollout nucleus threshold", cli.probability)
-    max_new_tokens: int = option(0, "tokens per rollout and validation answer (0: the task's "
-                                 "answer budget)", cli.non_negative_int)
-    lr: float = option(2e-3, "AdamW learning rate", cli.positive_float)
-    cosine: bool = option(False, "cosine-decay the learning rate to 0 over --steps")
-    kl_coef: float = option(0.1, "lambda of the KL(pi_z || pi_base) penalty on whole responses "
-                            "(the per-token exact KL summed over the response)",
-                            cli.non_negative_float)
-    baseline: str = option("loo", "subtracted from the reward: none (paper), group mean, or "
-                           "leave-one-out mean (RLOO)", choices=("none", "mean", "loo"))
-    rollout: str = option("generate", "generate: sample free responses (the paper); options: "
-                          "multiple-choice tasks act by sampling one option (options.py)",
-                          choices=("generate", "options"))
-    validation: str = option("generate", "how validation reads an answer: generate (greedy "
-                             "replies, as eval.py) or options (the likeliest option; the "
-                             "default for cls)", choices=("generate", "options"))
-    clip: float = option(1.0, "gradient-norm clipping", cli.positive_float)
-    micro_batch: int = option(8, "sequences per backward pass (with --rollout options: "
-                              "problems, each packed with its options)", cli.positive_int)
-    micro_tokens: int = option(4096, "at most this many padded tokens (rows x longest row) per "
-                               "backward pass, which bounds memory; a longer row goes alone",
-                               cli.positive_int)
-    gen_batch: int = option(32, "sequences per generation batch", cli.positive_int)
-    dynamic_draws: int = option(0, "dynamic sampling (DAPO): draw up to this many prompts a step "
-                                "until --batch-size of them have rewards that differ, and train "
-                                "on those (0: off)", cli.non_negative_int)
-    eval_every: int = option(10, "validate every N steps and at the end (0: never; then only "
-                             "last.safetensors)", cli.non_negative_int)
-    val_limit: int = option(100, "validation problems (0: all)", cli.non_negative_int)
-    seed: int = option(0, "seeds python, numpy, torch and the data order", cli.seed)
-
-
-def check(cfg: TrainConfig, has_options: bool) -> None:
-    """Every rule the settings must keep, in one place: ValueError naming the flag."""
-    for name in ("method", "objective", "rollout", "validation", "baseline", "targets"):
-        choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
-        if getattr(cfg, name) not in choices:
-            raise ValueError(f"unknown {name} {getattr(cfg, name)!r}: choose "
-                             f"{', '.join(choices)}")
-    if cfg.objective == "sft" and cfg.rollout == "options":
-        raise ValueError("--rollout options is a way of sampling for --objective reinforce, "
-                         "not sft")
-    for flag, value in (("--rollout", cfg.rollout), ("--validation", cfg.validation)):
-        if value == "options" and not has_options:
-            raise ValueError(f"{flag} options needs a multiple-choice task (arc_easy, cls), "
-                             f"not {cfg.task!r}")
-    if cfg.objective == "reinforce" and cfg.rollout == "generate" and not cfg.temperature > 0:
-        raise ValueError("--temperature must be > 0 for REINFORCE (the log-probs are scored at "
-                         "the temperature that sampled; a greedy rollout has none)")
-    if cfg.dynamic_draws < 0 or 0 < cfg.dynamic_draws < cfg.batch_size:
-        raise ValueError("--dynamic-draws must be 0 (off) or at least --batch-size")
-    if cfg.baseline == "loo" and cfg.samples < 2 and cfg.objective == "reinforce":
-        raise ValueError("--baseline loo needs --samples 2 or more")
-    if cfg.method == "lora" and (cfg.lora_rank < 1 or not 0 <= cfg.lora_dropout < 1):
-        raise ValueError("--lora-rank must be positive and --lora-dropout in [0, 1)")
-    if dist.world() > 1 and (cfg.dynamic_draws or cfg.rollout != "generate"
-                             or cfg.objective != "reinforce"):
-        raise ValueError("under torchrun, training is REINFORCE on generated rollouts without "
-                         "dynamic sampling for now (--dynamic-draws 0)")
-    sizes = (cfg.steps, cfg.batch_size, cfg.samples, cfg.micro_batch, cfg.micro_tokens,
-             cfg.gen_batch)
-    if min(sizes) < 1:
-        raise ValueError("--steps, --batch-size, --samples, --micro-batch, --micro-tokens and "
-                         "--gen-batch must be positive")
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -151,15 +51,6 @@ def skip_update(adv: torch.Tensor, kl_coef: float, params: dict, method: Method 
     or at its minimum (params are the base model's, where the KL and its gradient are 0).
     Otherwise the KL term alone still pulls z back towards the base model, as lambda says."""
     return not bool((adv != 0).any()) and (not kl_coef or method.at_base(params))
-
-
-def set_lr(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
-    """Constant, or cosine-decayed to 0 over cfg.steps. Set directly, with no scheduler object:
-    a step that makes no update must not shift the schedule."""
-    lr = cfg.lr * (0.5 * (1 + math.cos(math.pi * step / cfg.steps)) if cfg.cosine else 1.0)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 def exact_kl(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
@@ -308,123 +199,3 @@ def gathered(rewards, drawn, parts, problems, S: int):
     rows = lambda t: torch.stack(r) if (r := dist.gather(list(t))) else torch.zeros(0, S)
     return (rows(rewards), rows(drawn), {k: dist.all_sum(v) for k, v in parts.items()},
             dist.gather(problems))
-
-
-def validate(model, tokenizer, task, problems, z, batch: int, max_new_tokens: int = 0,
-             method: Method = SVF) -> float:
-    """Greedy accuracy of z on the validation problems (max_new_tokens 0: the task's own)."""
-    answer_mode(model, z, method)
-    prompts = [tokenizer.encode_chat(task.messages(p)) for p in problems]
-    comps = generate_all(model, tokenizer, prompts, batch, desc="validate",
-                         max_new_tokens=max_new_tokens or task.max_new_tokens,
-                         stop_strings=tuple(task.stop))
-    answer_mode(model, None)
-    return sum(task.score_many(problems, [c.text for c in comps])) / len(problems)
-
-
-# ----------------------------------------------------------------------------- the loop
-def batch_for_step(n: int, step: int, batch_size: int, seed: int) -> list[int]:
-    """The problems of a data chunk: a seeded permutation per epoch, so resuming needs no state."""
-    per_epoch = max(n // batch_size, 1)
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[k * batch_size:(k + 1) * batch_size].tolist()
-
-
-def step_function(cfg: TrainConfig) -> Callable[..., dict]:
-    import options
-    if cfg.objective == "sft":
-        return lora.sft_step
-    if cfg.objective != "reinforce":
-        raise ValueError(f"unknown objective {cfg.objective!r}: choose reinforce or sft")
-    return train_step if cfg.rollout == "generate" else options.option_step
-
-
-def validation(model, tokenizer, task, problems, params, cfg: TrainConfig,
-               method: Method) -> dict:
-    import options
-    t0 = time.perf_counter()
-    if cfg.validation == "generate":
-        accuracy = validate(model, tokenizer, task, problems, params, cfg.gen_batch,
-                            cfg.max_new_tokens, method)
-    else:
-        accuracy = options.option_accuracy(model, tokenizer, task, problems, params,
-                                           method=method)
-    return {"val_accuracy": accuracy, "t_val": time.perf_counter() - t0}
-
-
-def train(model: Transformer, tokenizer, cfg: TrainConfig, out: Path, resume: bool = False,
-          log=print, task=None, train_set: list[dict] | None = None,
-          val_set: list[dict] | None = None):
-    """Train an expert (or LoRA adapter) for cfg.task; writes out/{best,last}.safetensors,
-    state.pt and log.jsonl, and returns the best (an svf.Expert or a lora.Adapter).
-    task and the sets default to data.TASKS[cfg.task] and its splits; cls passes its own."""
-    task = task or data.TASKS[cfg.task]
-    train_set = train_set if train_set is not None else data.load(cfg.task, "train")
-    val_set = val_set if val_set is not None else data.load(cfg.task, "validation")
-    val_set = val_set[:cfg.val_limit] if cfg.val_limit else val_set
-    check(cfg, hasattr(task, "option_responses"))
-    step_fn = step_function(cfg)
-    z, meta, method = setup(model, cfg)
-    n_base, meta["trainable"] = (sum(p.numel() for p in model.parameters()),
-                                 sum(v.numel() for v in z.values()))
-    what = f"SVF on '{cfg.targets}'" if cfg.method == "svf" else \
-        f"LoRA rank {cfg.lora_rank} on '{cfg.lora_targets}'"
-    log(f"{what}: {meta['trainable']:,} trainable numbers "
-        f"({100 * meta['trainable'] / n_base:.3f}% of the base model's {n_base:,})")
-    log(f"sandbox: {data.sandbox.isolation() if task.domain == 'code' else 'not used'}")
-    # no weight decay: it would pull z towards 0 (not 1), and the paper's LoRA baseline has none
-    # each rank its own sampling stream; rank 0's is the one-process stream
-    gen = torch.Generator(model.tok_embeddings.weight.device)
-    run = Run(z, torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0),
-              gen.manual_seed(cfg.seed + 7919 * dist.rank()))
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        load_checkpoint(run, cfg, out, log)
-    elif dist.is_main():
-        (out / "log.jsonl").write_text("")
-
-    def write(record: dict) -> None:  # rank 0 keeps the log
-        if dist.is_main():
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def keep_best(step: int) -> None:
-        if dist.is_main():
-            method.File(detached(z), {**meta, "step": step, "val_accuracy": run.best}).save(
-                out / "best.safetensors")
-
-    def next_problems() -> list[dict]:  # the data order: seeded chunks, one or more a step
-        run.chunk += 1
-        return [train_set[i] for i in batch_for_step(len(train_set), run.chunk - 1,
-                                                      cfg.batch_size, cfg.seed)]
-
-    if run.step == 0 and cfg.eval_every:  # the curve starts at the base model
-        record = {"step": 0, **validation(model, tokenizer, task, val_set, None, cfg, method)}
-        run.best = record["val_accuracy"]
-        log(f"step 0 (base model): validation accuracy {run.best:.3f} on {len(val_set)} problems")
-        write(record)
-        keep_best(0)
-    with Interrupt(log) as interrupt:
-        bar = tqdm(range(run.step, cfg.steps), initial=run.step, total=cfg.steps,
-                   desc=f"train {cfg.task} ({cfg.method})")
-        for step in bar:
-            lr = set_lr(run.opt, cfg, step)
-            stats = step_fn(model, tokenizer, task, next_problems(), z, run.opt, cfg, run.gen,
-                            more=next_problems)
-            record, run.step = {"step": step + 1, "lr": lr, **stats}, step + 1
-            if cfg.eval_every and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
-                record |= validation(model, tokenizer, task, val_set, z, cfg, method)
-                if record["val_accuracy"] > run.best:
-                    run.best = record["val_accuracy"]
-                    keep_best(run.step)
-            write(record)
-            shown = {k: f"{stats[k]:+.2f}" for k in ("reward", "loss") if stats.get(k) is not None}
-            bar.set_postfix(**shown, val=f"{record.get('val_accuracy', run.best):.2f}")
-            save_checkpoint(run, cfg, meta, method, out)
-            if interrupt.asked:
-                log(f"saved a checkpoint at step {run.step} in {out}; continue with --resume")
-                raise SystemExit(130)
-    dist.barrier()  # rank 0 has written the files
-    best = out / ("best.safetensors" if cfg.eval_every else "last.safetensors")
-    return method.File.load(best)

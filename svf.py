@@ -322,3 +322,15 @@ def model_fingerprint(model: nn.Module) -> str:
     if not hasattr(model, "_svf_fingerprint"):
         model._svf_fingerprint = fingerprint(model)
     return model._svf_fingerprint
+
+
+def save_adapted(path, model: nn.Module, z: dict[str, torch.Tensor], report: dict) -> Expert:
+    """Save the z' of a few-shot search (adapt.fewshot's report) as an ordinary expert file,
+    reusable with --strategy expert:PATH."""
+    targets = next(t for t in TARGETS if set(target_names(model, t)) == set(z))
+    meta = {"base_model": model_fingerprint(model), "targets": targets, "task": report["task"],
+            "parametrisation": "plain z, W' = U diag(s*z) V^T",
+            "fewshot": {k: report[k] for k in ("experts", "per_layer", "alpha", "best", "shots")}}
+    expert = Expert(z, meta)
+    expert.save(path)
+    return expert

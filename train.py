@@ -26,15 +26,16 @@ import cli
 import data
 import dist
 import fast
-import rl
+import loop
 from checkpoint import load
 from cli import fail
+from config import TrainConfig, check as check_settings
 from data import cls
 
-TRAIN_TASKS = rl.TrainConfig.__dataclass_fields__["task"].metadata["choices"]
-# Flags whose default is the task's (data.Task.train_defaults), else rl.TrainConfig's.
+TRAIN_TASKS = TrainConfig.__dataclass_fields__["task"].metadata["choices"]
+# Flags whose default is the task's (data.Task.train_defaults), else TrainConfig's.
 PER_TASK = ("samples", "temperature", "batch_size", "dynamic_draws", "max_new_tokens")
-DEFAULTS = {f.name: f.default for f in fields(rl.TrainConfig)}
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 def seed_everything(seed: int) -> None:
@@ -43,9 +44,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def config(**flags) -> rl.TrainConfig:
+def config(**flags) -> TrainConfig:
     """The flags with the defaults filled in: the task's own for PER_TASK (REINFORCE on free
-    generation with SVF), then rl.TrainConfig's; and the paper's pairings of method and
+    generation with SVF), then TrainConfig's; and the paper's pairings of method and
     objective."""
     task_defaults = data.TASKS[flags["task"]].train_defaults if flags["task"] in data.TASKS else {}
     own = flags["method"] == "svf" and flags["objective"] in (None, "reinforce") \
@@ -57,7 +58,7 @@ def config(**flags) -> rl.TrainConfig:
         flags["objective"] = "reinforce" if flags["method"] == "svf" else "sft"
     if flags["validation"] is None:
         flags["validation"] = "options" if flags["task"] == "cls" else "generate"
-    return rl.TrainConfig(**flags)
+    return TrainConfig(**flags)
 
 
 def check_state(state: Path) -> None:
@@ -76,7 +77,7 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
     device = dist.init(device)  # under torchrun: this rank's device and the process group
     cfg = config(**flags)
     try:
-        rl.check(cfg, has_options=cfg.task in ("arc_easy", "cls"))
+        check_settings(cfg, has_options=cfg.task in ("arc_easy", "cls"))
     except ValueError as e:
         fail(str(e))
     fast.enable()  # the CPU speed path (fast.py)
@@ -105,7 +106,7 @@ def main(model: str | None, out: str | None, resume: bool, device: str, dtype: s
         extra = dict(task=cls.CLS_TASK, train_set=cls.cls_problems("train", seed=cfg.seed),
                      val_set=cls.cls_problems("validation"))
     try:
-        expert = rl.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
+        expert = loop.train(net, tokenizer, cfg, out_dir, resume=resume, **extra)
     except ValueError as e:  # a resume under other settings, another method's state: one line
         fail(str(e))
     if cfg.eval_every:
@@ -128,7 +129,7 @@ if __name__ == "__main__":
     notes = {k: f" (default: the task's, {per_task(k)}; else {DEFAULTS[k]})" for k in PER_TASK}
     notes["validation"] = " (default: generate; options for cls)"
     filled_in = dict.fromkeys(PER_TASK + ("objective", "validation"))  # None: config() fills them
-    cli.add_options(p, rl.TrainConfig, defaults=filled_in, notes=notes)
+    cli.add_options(p, TrainConfig, defaults=filled_in, notes=notes)
     p.add_argument("--model", type=cli.model_path, default=None,
                    help="a .gguf file or Hugging Face folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--out", type=cli.output_folder, default=None,

@@ -28,6 +28,7 @@ SPLITS: dict[str, list[str]] = {
     "humaneval": ["test"],
     "math": ["test"],
 }
+UNSEEN = ["arc_challenge", "humaneval", "math"]  # Table 2: no expert is trained on these
 
 
 def read_manifest(path: Path) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 The first pass of the `prompt` and `cls` strategies (adapt.py) asks the model to name the
 question's category, code, math, reasoning or other; the classification expert z_c is trained
-on this task by rl.train (train.py --task cls) with questions of the three training tasks,
+on this task by loop.train (train.py --task cls) with questions of the three training tasks,
 labelled by their domain. The labels, the prompt, the reply parser and the labelled questions
 live here, beside every other task of data/.
 """
@@ -16,6 +16,7 @@ import data
 LABELS = ("code", "math", "reasoning", "other")
 # "other": the base model
 LABEL_TO_EXPERT = {"math": "gsm8k", "code": "mbpp", "reasoning": "arc_easy"}
+DOMAIN_EXPERTS = list(LABEL_TO_EXPERT.values())  # the experts of the three training tasks
 ALIASES = {"coding": "code", "programming": "code", "python": "code", "maths": "math",
            "mathematics": "math", "arithmetic": "math", "science": "reasoning",
            "logic": "reasoning"}

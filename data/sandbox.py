@@ -642,26 +642,3 @@ def run_many(jobs: list[tuple[str, str]], workers: int = 4, timeout: float = 10.
     Threads are enough: each run waits on its own child process."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda job: run_tests(*job, timeout=timeout, memory_mb=memory_mb), jobs))
-
-
-def bench(workers: int = 4) -> dict[str, float]:
-    """Programs per second on the MBPP reference solutions, in each mode this machine has:
-    python -c "import data.sandbox as s; s.bench()". mbpp/123 is left out: its reference alone
-    takes ~6 s of CPU, so the run would time that one program instead of the sandbox."""
-    from data import SPLITS, TASKS, load  # the tasks sit above the sandbox: imported here only
-    mbpp = TASKS["mbpp"]
-    problems = [p for split in SPLITS["mbpp"] for p in load("mbpp", split) if p["id"] != "mbpp/123"]
-    jobs = [(mbpp.program(p, mbpp.reference_response(p)), p["tests"]) for p in problems]
-    rates = {}
-    for mode in [NAMESPACES, PROCESS_ONLY] if isolation() == NAMESPACES else [PROCESS_ONLY]:
-        began = time.monotonic()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda job: run_once(*job, timeout=60, memory_mb=1024,
-                                                         namespaces=mode == NAMESPACES), jobs))
-        wall = time.monotonic() - began
-        rates[mode] = len(jobs) / wall
-        seconds = sorted(r.seconds for r in results)
-        print(f"sandbox: {mode}: {sum(r.passed for r in results)}/{len(jobs)} MBPP reference solutions passed "
-              f"in {wall:.1f} s: {rates[mode]:.1f} programs/s with {workers} workers on {os.cpu_count()} CPUs "
-              f"(a program: median {1000 * seconds[len(seconds) // 2]:.0f} ms)", flush=True)
-    return rates

@@ -235,7 +235,7 @@ def test_fewshot_returns_the_mixture_of_its_best_alpha_and_saves_it(tmp_path):
             torch.testing.assert_close(z[n], v)
         assert report["experts"] == ["gsm8k", "mbpp"] and report["shots"] == [s["id"] for s in shots]
         assert len(report["history"]) == 2
-    saved = adapt.save_adapted(tmp_path / "fewshot.safetensors", model, z, report)
+    saved = svf.save_adapted(tmp_path / "fewshot.safetensors", model, z, report)
     loaded = svf.Expert.load(tmp_path / "fewshot.safetensors", model)
     assert loaded.meta["targets"] == "mlp" and loaded.meta["fewshot"]["experts"] == ["gsm8k", "mbpp"]
     for n in z:
@@ -250,7 +250,7 @@ def test_the_first_pass_reads_the_question_asked_not_the_task_template(monkeypat
                         or ["math"] * len(questions))
     problems = data.load("arc_challenge", "test")[:3]
     choice, _, labels = adapt.first_pass(None, None, data.TASKS["arc_challenge"], problems, "prompt",
-                                              {n: None for n in adapt.DOMAIN_EXPERTS}, [], 0, 0, False,
+                                              {n: None for n in cls.DOMAIN_EXPERTS}, [], 0, 0, False,
                                               "likelihood", 4, 0, None)
     assert seen == [[p["question"] for p in problems]] and choice == ["gsm8k"] * 3
 

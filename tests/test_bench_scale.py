@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import data
 from model import ModelArgs
 
 # Llama-3-8B's proportions in small: grouped-query attention 4:1, FFN 3.5 x dim, Llama 3.1 rope scaling
@@ -65,7 +66,7 @@ def test_scale_section_runs_end_to_end_at_a_tiny_shape(tmp_path):
     p = figures["prefill"]
     assert p["logits_max_abs_diff"] < 1e-4 * max(1.0, p["logits_max_abs"]) and p["argmax_equal"] == 1.0
 
-    for name in bench.UNSEEN_TASKS:
+    for name in data.UNSEEN:
         f = figures["passes"][name]
         assert f["questions"] == 2 and f["second_pass_tokens"] == 2 * SIZES.second_pass_tokens
         assert f["first_pass_s"] > 0 and f["second_pass_s"] > 0 and f["shared_tokens"] > 20

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import adapt
+import config
 import data
+import loop
 import replies
 import rl
 import svf
@@ -71,7 +73,7 @@ def test_cls_task_runs_in_the_reinforce_trainer():
     model = Transformer(ModelArgs(**{**TINY_WIDE.__dict__, "max_seq_len": 2048})).double().eval().requires_grad_(False)
     svf.attach(model, svf.decompose(model, "mlp", cache_dir=None))
     problems = cls.cls_problems("validation")[:2]
-    cfg = rl.TrainConfig(task="cls", batch_size=2, samples=2, micro_batch=4)
+    cfg = config.TrainConfig(task="cls", batch_size=2, samples=2, micro_batch=4)
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(0)
@@ -86,7 +88,7 @@ def test_cls_task_runs_in_the_reinforce_trainer():
                     task.max_new_tokens)
     svf.use_expert(model, None)
     expected = sum(task.score(p, c.text) for p, c in zip(problems, outs)) / len(problems)
-    assert rl.validate(model, tok, task, problems, z, batch=2) == expected
+    assert loop.validate(model, tok, task, problems, z, batch=2) == expected
 
 
 def test_the_cls_expert_trains_on_the_scores_the_first_pass_reads():

@@ -14,6 +14,8 @@ import torch
 import adapt
 from data import cls
 import checkpoint
+import config
+import loop
 import lora
 import options
 import methods
@@ -224,7 +226,7 @@ def test_reinforce_loss_and_its_gradient_match_a_float64_cpu_computation(folder,
 def test_a_training_step_runs_on_the_device(folder, device, dtype, method):
     """rl.train_step end to end: sampled rollout (a device generator), scoring, loss, backward, AdamW."""
     model, tok, task = load(folder, device, dtype), ToyTokenizer(), ToyTask()
-    cfg = rl.TrainConfig(task="toy", method=method, targets="mlp", batch_size=2, samples=3, temperature=1.0, lr=0.05,
+    cfg = config.TrainConfig(task="toy", method=method, targets="mlp", batch_size=2, samples=3, temperature=1.0, lr=0.05,
                          kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, lora_rank=2, lora_dropout=0.1)
     if method == "lora":
         z = methods.setup(model, cfg)[0]   # attached, A random and B = 0, on the model's device
@@ -242,13 +244,13 @@ def test_a_training_step_runs_on_the_device(folder, device, dtype, method):
 
 @on_every_device
 def test_a_training_run_saves_and_reloads_its_expert_on_the_device(folder, device, dtype, tmp_path, monkeypatch):
-    """rl.train: validation, checkpoints (torch.save of device tensors and the device generator's state), and
+    """loop.train: validation, checkpoints (torch.save of device tensors and the device generator's state), and
     the best expert read back onto the device."""
     monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
     model = load(folder, device, dtype)
-    cfg = rl.TrainConfig(task="toy", targets="mlp", steps=2, batch_size=2, samples=2, temperature=1.0, lr=0.05,
+    cfg = config.TrainConfig(task="toy", targets="mlp", steps=2, batch_size=2, samples=2, temperature=1.0, lr=0.05,
                          kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=4, eval_every=1, val_limit=0)
-    best = rl.train(model, ToyTokenizer(), cfg, tmp_path / "run", log=lambda *a: None, task=ToyTask(),
+    best = loop.train(model, ToyTokenizer(), cfg, tmp_path / "run", log=lambda *a: None, task=ToyTask(),
                     train_set=toy_train_problems(4, 0), val_set=toy_train_problems(2, 1))
     assert all(v.device.type == device for v in best.z.values())
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
@@ -263,7 +265,7 @@ def test_the_multiple_choice_step_samples_on_the_device(folder, device, dtype):
     model, tok, task = load(folder, device, dtype), CharTokenizer(), ChoiceTask()
     svf.attach(model, svf.decompose(model, "mlp", cache=False))
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
-    cfg = rl.TrainConfig(task="choice", rollout="options", samples=4, temperature=1.0, baseline="none", lr=0.05)
+    cfg = config.TrainConfig(task="choice", rollout="options", samples=4, temperature=1.0, baseline="none", lr=0.05)
     opt = torch.optim.AdamW(z.values(), lr=cfg.lr, weight_decay=0.0)
     stats = options.option_step(model, tok, task, toy_problems(3), z, opt, cfg, torch.Generator(device).manual_seed(0))
     assert np.isfinite([stats["pg"], stats["grad_norm"]]).all() and stats["z_dev"] > 1e-3

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 import adapt
+import config
 import data
 import eval as evaluation
 import svf
@@ -19,11 +20,11 @@ def test_eval_refuses_bad_requests_before_loading_anything():
               generations=1, population=2, per_layer=False, classify="likelihood", experts_dir="experts",
               adapter=None)
     with pytest.raises(SystemExit, match="--answer likelihood needs multiple-choice tasks"):
-        evaluation.main(evaluation.EvalConfig(**{**kw, "task": "arc_easy,gsm8k"}, answer="likelihood"))
+        evaluation.main(config.EvalConfig(**{**kw, "task": "arc_easy,gsm8k"}, answer="likelihood"))
     with pytest.raises(SystemExit, match="unknown task 'arc'"):
-        evaluation.main(evaluation.EvalConfig(**{**kw, "task": "arc"}))
+        evaluation.main(config.EvalConfig(**{**kw, "task": "arc"}))
     with pytest.raises(SystemExit, match="unknown strategy"):
-        evaluation.main(evaluation.EvalConfig(**{**kw, "strategy": "best"}))
+        evaluation.main(config.EvalConfig(**{**kw, "strategy": "best"}))
 
 
 # ----------------------------------------------------------------------------- few-shot
@@ -88,7 +89,7 @@ def test_several_strategies_are_compared_on_the_same_problems(tmp_path, monkeypa
     path = tmp_path / "e.safetensors"
     svf.Expert(random_expert(model, 1), {"targets": "mlp", "base_model": svf.model_fingerprint(model)}
                ).save(path)
-    cfg = evaluation.EvalConfig(task="echo", strategy=f"base,expert:{path}", batch_size=4,
+    cfg = config.EvalConfig(task="echo", strategy=f"base,expert:{path}", batch_size=4,
                                 workers=1, out=str(tmp_path / "out"))
     reads, real_read = [], svf.read_tensors
     monkeypatch.setattr(svf, "read_tensors", lambda p, *a, **k: reads.append(str(p))

@@ -2,9 +2,9 @@
 
 import torch
 
+import config
 import options
 import replies
-import rl
 import svf
 from tiny import (ToyTask, ToyTokenizer, tiny_model, toy_train_problems)
 
@@ -25,7 +25,7 @@ def test_option_rollout_learns_the_rewarded_option(tmp_path, monkeypatch):
     svf.attach(model, svf.decompose(model, "mlp"))
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
-    cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.0, baseline="loo", micro_batch=6)
+    cfg = config.TrainConfig(samples=4, temperature=1.0, kl_coef=0.0, baseline="loo", micro_batch=6)
     problems = toy_train_problems(4, 0)
     before = options.option_accuracy(model, tok, task, problems, None)
     p_right = lambda: torch.softmax(torch.stack(replies.option_logits(model, tok, task, problems, 1.0)), -1)[:, 2].mean().item()
@@ -53,7 +53,7 @@ def test_an_option_step_without_reward_signal_makes_no_update(tmp_path, monkeypa
     svf.attach(model, svf.decompose(model, "mlp"))
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
-    cfg = rl.TrainConfig(samples=4, temperature=1.0, kl_coef=0.1, baseline="loo", micro_batch=6)
+    cfg = config.TrainConfig(samples=4, temperature=1.0, kl_coef=0.1, baseline="loo", micro_batch=6)
     stats = options.option_step(model, tok, task, toy_train_problems(3, 0), z, opt, cfg, torch.Generator().manual_seed(0))
     assert stats["skipped"] and not opt.state
     assert all(torch.equal(v.detach(), torch.ones_like(v)) for v in z.values())

@@ -10,15 +10,15 @@ README = (ROOT / "README.md").read_text()
 
 # The reading order, one line per file, as the README lists it.
 READING_ORDER = [
-    "model.py", "fast.py", "engine.py", "generate.py", "tokenizer.py", "checkpoint.py",
-    "svf.py", "replies.py", "rl.py", "methods.py", "resume.py", "options.py", "lora.py", "adapt.py", "data/",
+    "model.py", "completion.py", "fast.py", "engine.py", "generate.py", "tokenizer.py", "checkpoint.py",
+    "svf.py", "replies.py", "config.py", "rl.py", "methods.py", "resume.py", "options.py", "lora.py", "loop.py", "adapt.py", "data/",
     "train.py", "eval.py", "experts.py", "records.py", "results.py", "bench.py", "cli.py", "dist.py",
     "data/sandbox.py",
 ]
 # Our modules; a backticked `module.name` of one of them is a reference to check.
 MODULES = [f.removesuffix(".py").removesuffix("/") for f in READING_ORDER if f != "data/sandbox.py"] + ["fetch"]
 # The modules the README cites by name: those whose names stay put while files are moved.
-CITED = {"checkpoint", "data", "lora", "replies", "rl", "svf", "tokenizer"}
+CITED = {"checkpoint", "config", "data", "lora", "loop", "replies", "rl", "svf", "tokenizer"}
 FILE_ENDINGS = {"py", "txt", "json", "jsonl", "md", "png", "safetensors", "gguf", "model"}
 
 

@@ -4,9 +4,11 @@ import json
 import pytest
 
 import adapt
+import config
 import data
 import eval as evaluation
 import records
+from data import cls
 from tiny import CharTokenizer, ScoredEchoTask, random_expert, tiny_wrapped_model, toy_problems
 
 
@@ -23,7 +25,7 @@ def test_wilson_interval_matches_published_values():
 
 def evaluate(model, tokenizer, task_name, loaded, command, out_dir, resume=False, **settings):
     """eval.evaluate_task with the settings of an EvalConfig."""
-    cfg = evaluation.EvalConfig(**settings, out=str(out_dir), resume=resume)
+    cfg = config.EvalConfig(**settings, out=str(out_dir), resume=resume)
     return evaluation.evaluate_task(model, tokenizer, task_name, loaded, cfg, command)
 
 
@@ -69,7 +71,7 @@ def test_a_fewshot_evaluation_interrupted_in_its_search_resumes_it(tmp_path, mon
     monkeypatch.setitem(data.TASKS, "echo", ScoredEchoTask())
     monkeypatch.setitem(data.SPLITS, "echo", {"test": 7})
     monkeypatch.setattr(data, "load", lambda name, split: toy_problems(7))
-    loaded = {n: random_expert(model, i) for i, n in enumerate(adapt.DOMAIN_EXPERTS)}
+    loaded = {n: random_expert(model, i) for i, n in enumerate(cls.DOMAIN_EXPERTS)}
     kw = dict(model=model, tokenizer=tok, task_name="echo", strategy="fewshot", loaded=loaded, split="test",
               limit=0, seed=0, batch_size=4, max_new_tokens=0, workers=1, command="test", shots=2, generations=3,
               population=2, per_layer=False, classify="likelihood")

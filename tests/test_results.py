@@ -10,6 +10,7 @@ from unittest import mock
 
 import pytest
 
+import config
 import results
 
 
@@ -33,15 +34,14 @@ def write_summary(folder: Path, correct: list[bool], ids: list[str], answers: li
     """summary.json and responses.jsonl written by eval.py's own writer (summarise and
     write_results) for these verdicts; extra: what the passes not run here would have measured
     (first-pass time, routing)."""
-    import eval as evaluation
     import records
-    from model import Completion
+    from completion import Completion
     n, task = len(correct), GivenTask(folder.name, answers, len(correct))
     problems = [{"id": i, "index": k, "question": f"question {i}", "answer": "gold"}
                 for k, i in enumerate(ids)]
     completions = [Completion([5, 6], f"reply {i}") for i in ids]
     first = {"seconds": 0.0, "choice": ["base"] * n, "labels": [None] * n}
-    cfg = evaluation.EvalConfig(task=folder.name, strategy=folder.parent.name, limit=n)
+    cfg = config.EvalConfig(task=folder.name, strategy=folder.parent.name, limit=n)
     run = {"task": folder.name, "strategy": cfg.strategy, "answer": cfg.answer, "split": cfg.split,
            "limit": n, "seed": 0}
     command = f"python eval.py --task {folder.name} --strategy {folder.parent.name}"

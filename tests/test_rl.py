@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+import config
+import loop
 import lora
 import rl
 import svf
@@ -168,7 +170,7 @@ def test_a_step_without_reward_signal_makes_no_update(baseline, updates, tmp_pat
     z = {n: torch.nn.Parameter(v) for n, v in svf.ones(model).items()}
     before = {n: v.detach().clone() for n, v in z.items()}
     opt = torch.optim.AdamW(z.values(), lr=0.05, weight_decay=0.0)
-    cfg = rl.TrainConfig(samples=3, temperature=1.0, kl_coef=0.1, baseline=baseline, micro_batch=6, gen_batch=6)
+    cfg = config.TrainConfig(samples=3, temperature=1.0, kl_coef=0.1, baseline=baseline, micro_batch=6, gen_batch=6)
     stats = rl.train_step(model, ToyTokenizer(), ToyNeverRightTask(), toy_train_problems(2, 0), z, opt, cfg,
                           torch.Generator().manual_seed(0))
     moved = max((z[n].detach() - before[n]).abs().max().item() for n in z)
@@ -187,7 +189,7 @@ def test_the_kl_term_still_pulls_z_back_when_every_advantage_is_zero(tmp_path, m
     svf.attach(model, svf.decompose(model, "mlp"))
     z = {n: torch.nn.Parameter(1.2 * v) for n, v in svf.ones(model).items()}
     opt = torch.optim.SGD(z.values(), lr=0.05)
-    cfg = rl.TrainConfig(samples=3, temperature=1.0, kl_coef=0.1, baseline="loo", micro_batch=6, gen_batch=6,
+    cfg = config.TrainConfig(samples=3, temperature=1.0, kl_coef=0.1, baseline="loo", micro_batch=6, gen_batch=6,
                          clip=1e9)
     problems = toy_train_problems(2, 0)
     prompts, samples = tiny_batch()
@@ -207,11 +209,11 @@ def test_a_run_whose_steps_make_no_update_raises_no_warning(tmp_path, monkeypatc
     import warnings
     monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
     model = tiny_model(torch.float32)
-    cfg = rl.TrainConfig(task="toy", steps=2, batch_size=2, samples=3, temperature=1.0, baseline="loo",
+    cfg = config.TrainConfig(task="toy", steps=2, batch_size=2, samples=3, temperature=1.0, baseline="loo",
                          micro_batch=4, gen_batch=6, eval_every=0, cosine=True, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        rl.train(model, ToyTokenizer(), cfg, tmp_path / "run", log=lambda *a: None, task=ToyNeverRightTask(),
+        loop.train(model, ToyTokenizer(), cfg, tmp_path / "run", log=lambda *a: None, task=ToyNeverRightTask(),
                  train_set=toy_train_problems(4, 0), val_set=toy_train_problems(2, 1))
     records = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [True, True]
@@ -245,7 +247,7 @@ def test_lora_reinforce_scores_its_samples_without_dropout(tmp_path, monkeypatch
     seen = []
     real_loss = rl.reinforce_loss
     monkeypatch.setattr(rl, "reinforce_loss", lambda *a, **k: seen.append((a, k)) or real_loss(*a, **k))
-    cfg = rl.TrainConfig(method="lora", samples=3, temperature=1.0, kl_coef=0.0, baseline="none", micro_batch=6,
+    cfg = config.TrainConfig(method="lora", samples=3, temperature=1.0, kl_coef=0.0, baseline="none", micro_batch=6,
                          gen_batch=6)
     stats = rl.train_step(model, tok, ToyTask(), toy_train_problems(2, 0), params,
                           torch.optim.SGD(params.values(), lr=0.0), cfg, torch.Generator().manual_seed(0))
@@ -265,8 +267,9 @@ def test_validation_answers_within_max_new_tokens(tmp_path, monkeypatch):
     monkeypatch.setattr(svf, "CACHE_DIR", tmp_path / "svd")
     budgets = []
     real = rl.generate_all
-    monkeypatch.setattr(rl, "generate_all", lambda *a, **k: budgets.append((k["desc"], k["max_new_tokens"]))
-                        or real(*a, **k))
+    seen = lambda *a, **k: budgets.append((k["desc"], k["max_new_tokens"])) or real(*a, **k)
+    monkeypatch.setattr(rl, "generate_all", seen)  # the rollout
+    monkeypatch.setattr(loop, "generate_all", seen)  # validation
     run_toy(tmp_path / "run", steps=2, max_new_tokens=3)
     assert {b for _, b in budgets} == {3} and {d for d, _ in budgets} == {"rollout", "validate"}
 

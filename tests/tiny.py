@@ -13,7 +13,9 @@ import json
 
 import torch
 
+import config
 import data
+import loop
 import lora
 import rl
 import svf
@@ -161,7 +163,7 @@ class ToyTask(data.Task):
 
 def run_toy(out, steps, resume=False, interrupt_at=None, monkeypatch=None, **overrides):
     model = tiny_model(torch.float32)
-    cfg = rl.TrainConfig(**{**dict(task="toy", targets="mlp", steps=steps, batch_size=2, samples=3, temperature=1.0,
+    cfg = config.TrainConfig(**{**dict(task="toy", targets="mlp", steps=steps, batch_size=2, samples=3, temperature=1.0,
                                    lr=0.05, kl_coef=0.1, baseline="none", micro_batch=4, gen_batch=6, eval_every=2,
                                    val_limit=0, seed=3), **overrides})
     owner, step_name = (lora, "sft_step") if cfg.objective == "sft" else (rl, "train_step")
@@ -176,6 +178,6 @@ def run_toy(out, steps, resume=False, interrupt_at=None, monkeypatch=None, **ove
                 os.kill(os.getpid(), signal.SIGINT)
             return real_step(*args, **kwargs)
         monkeypatch.setattr(owner, step_name, step_then_ctrl_c)
-    rl.train(model, ToyTokenizer(), cfg, out, resume=resume, log=lambda *a: None, task=ToyTask(),
+    loop.train(model, ToyTokenizer(), cfg, out, resume=resume, log=lambda *a: None, task=ToyTask(),
              train_set=toy_train_problems(8, 0), val_set=toy_train_problems(4, 1))
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import torch
 
+import config
 import dist
 import methods
 import rl
 import svf
-from model import Completion
+from completion import Completion
 from tiny import ToyTask, ToyTokenizer, tiny_model, toy_train_problems
 
 
@@ -30,7 +31,7 @@ def fixed_rollout(model, tokenizer, task, problems, cfg, z, generator):
 
 def run(out: Path) -> None:
     model = tiny_model(torch.float32)
-    cfg = rl.TrainConfig(task="toy", steps=1, batch_size=8, samples=3, temperature=0.8, lr=0.05,
+    cfg = config.TrainConfig(task="toy", steps=1, batch_size=8, samples=3, temperature=0.8, lr=0.05,
                          kl_coef=0.1, baseline="loo", micro_batch=3, gen_batch=6)
     z, _, _ = methods.setup(model, cfg)
     with torch.no_grad():  # start away from z = 1, so that the KL term is live
